@@ -1,0 +1,139 @@
+"""Configuration of MergeAR, the class-conditional raster generator over MergeVQ tokens."""
+
+from transformers import PretrainedConfig
+
+# Named sizes. "L" is the paper's stage-2 model (LlamaGen-L / Open-MAGVIT2 "AR_256_B", 343M parameters)
+# over the 16x16 grid of the G+R tokenizer; "L-1024" is the same network over the 32x32 grid of the G
+# tokenizer; "tiny" is a CPU-sized model for tests and demos.
+_PRESETS = {
+    "L": {},
+    "L-1024": {"grid_size": 32, "default_num_tokens": 256},
+    "tiny": {
+        "codebook_bits": 6,
+        "factorized_bits": [3, 3],
+        "grid_size": 8,
+        "num_classes": 10,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 176,
+        "num_factorized_layers": 1,
+        "default_num_tokens": 16,
+    },
+}
+
+
+class MergeARConfig(PretrainedConfig):
+    r"""
+    Configuration of [`MergeARForCausalLM`]. The defaults are the "L" preset (343M parameters, 2^18 LFQ codes
+    predicted by a 6+12-bit factorised head, 16x16 token grid, K = 144 kept tokens).
+
+    Args:
+        codebook_bits: the tokenizer's LFQ code length; image codes are ids ``[0, 2**codebook_bits)``.
+        factorized_bits: ``[low_bits, high_bits]`` (summing to ``codebook_bits``) for the factorised input
+            embedding and output head, or ``None`` for a plain table and a dense head (only up to 14 bits).
+        grid_size: side of the square token grid; a sequence holds ``L = grid_size**2`` image tokens.
+        num_classes: number of classes; class id ``num_classes`` is the null class used for guidance.
+        hidden_size, num_hidden_layers, num_attention_heads, intermediate_size: Llama-style backbone sizes
+            (SwiGLU MLP). The head dimension must be a multiple of 4 for the 2-D rotary embedding.
+        rms_norm_eps: epsilon of the RMSNorm layers.
+        rope_theta: base of the 2-D rotary embedding.
+        class_dropout_prob: probability of replacing the class by the null class in training (enables CFG).
+        token_dropout, resid_dropout, ffn_dropout: dropout on the input embeddings, on the attention/MLP
+            outputs before the residual sum, and inside the MLP.
+        label_smoothing: label smoothing of the training cross-entropies.
+        num_factorized_layers: depth of the small per-position transformer of the factorised head.
+        repeat_window: ``W``, how many steps a repeated token stays visible (``W = 1``: only to itself).
+        default_num_tokens: ``K`` used when ``generate`` gets no ``num_tokens``.
+        use_cache: whether the forward builds a cache by default at inference.
+        initializer_range: std of the normal initialisation of linear and embedding weights.
+    """
+
+    model_type = "mergear"
+
+    codebook_bits: int = 18
+    factorized_bits: list[int] | None = (6, 12)
+    grid_size: int = 16
+    num_classes: int = 1000
+    hidden_size: int = 1024
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    intermediate_size: int = 2816
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    class_dropout_prob: float = 0.1
+    token_dropout: float = 0.1
+    resid_dropout: float = 0.1
+    ffn_dropout: float = 0.1
+    label_smoothing: float = 0.1
+    num_factorized_layers: int = 2
+    repeat_window: int = 1
+    default_num_tokens: int = 144
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        # Dataclass defaults must be immutable, JSON gives lists: store a list either way.
+        if self.factorized_bits is not None:
+            self.factorized_bits = list(self.factorized_bits)
+        super().__post_init__(**kwargs)
+        self.validate_architecture()
+
+    @property
+    def num_image_tokens(self) -> int:
+        """``L``, the number of image tokens of one sequence."""
+        return self.grid_size**2
+
+    @property
+    def codebook_size(self) -> int:
+        """``V``, the number of image codes."""
+        return 2**self.codebook_bits
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "MergeARConfig":
+        """Build a named size: ``"L"`` (paper, 256 tokens), ``"L-1024"`` (1024 tokens) or ``"tiny"``."""
+        if name not in _PRESETS:
+            raise ValueError(f"Unknown MergeAR preset {name!r}; expected one of {sorted(_PRESETS)}.")
+        return cls(**{**_PRESETS[name], **overrides})
+
+    def validate_architecture(self):
+        """Reject impossible sizes with a message that names the field."""
+        positive = ("codebook_bits", "grid_size", "num_classes", "hidden_size", "num_hidden_layers")
+        positive += ("num_attention_heads", "intermediate_size", "num_factorized_layers", "repeat_window")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"MergeARConfig.{name} must be a positive integer, got {getattr(self, name)!r}.")
+        for name in ("class_dropout_prob", "token_dropout", "resid_dropout", "ffn_dropout", "label_smoothing"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"MergeARConfig.{name} must be in [0, 1), got {getattr(self, name)!r}.")
+        if self.factorized_bits is None:
+            if self.codebook_bits > 14:
+                raise ValueError(
+                    f"MergeARConfig.factorized_bits=None (dense head) needs codebook_bits <= 14, got "
+                    f"{self.codebook_bits}; use e.g. factorized_bits=[6, {self.codebook_bits - 6}]."
+                )
+        elif (
+            len(self.factorized_bits) != 2
+            or min(self.factorized_bits) < 1
+            or sum(self.factorized_bits) != self.codebook_bits
+        ):
+            raise ValueError(
+                "MergeARConfig.factorized_bits must be [low_bits, high_bits], both >= 1, summing to "
+                f"codebook_bits={self.codebook_bits}; got {self.factorized_bits!r}."
+            )
+        if self.hidden_size % self.num_attention_heads or (self.hidden_size // self.num_attention_heads) % 4:
+            raise ValueError(
+                f"MergeARConfig.hidden_size ({self.hidden_size}) / num_attention_heads ({self.num_attention_heads}) "
+                "must be an integer head dimension divisible by 4 (half rotates with the row, half with the column)."
+            )
+        if not 1 <= self.default_num_tokens <= self.num_image_tokens:
+            raise ValueError(
+                f"MergeARConfig.default_num_tokens must be in [1, grid_size**2 = {self.num_image_tokens}], "
+                f"got {self.default_num_tokens}."
+            )
+
+
+__all__ = ["MergeARConfig"]
