@@ -80,10 +80,17 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def _image_dataset(images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], split: str | None = None):
+def _fingerprint(*parts: Any) -> str:
+    import hashlib
+
+    return hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=8).hexdigest()
+
+
+def _image_dataset(images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], split: str | None = None, fingerprint: str | None = None):
     """``datasets.Dataset`` with ``image`` (Image(mode="RGB")) and ``label`` (ClassLabel) from uint8 arrays.
 
-    ``images`` is ``[N, H, W]`` (gray, stored as PGM) or ``[N, H, W, 3]`` (stored as PPM).
+    ``images`` is ``[N, H, W]`` (gray, stored as PGM) or ``[N, H, W, 3]`` (stored as PPM). ``fingerprint`` (the
+    ``datasets`` cache / teacher-cache identity) defaults to a hash of the whole table computed by ``datasets``.
     """
     import datasets
     import pyarrow as pa
@@ -105,7 +112,7 @@ def _image_dataset(images: np.ndarray, labels: np.ndarray, class_names: Sequence
     table = pa.table({"image": image_col, "label": pa.array(np.asarray(labels, dtype=np.int64))})
     features = datasets.Features({"image": datasets.Image(mode="RGB"), "label": datasets.ClassLabel(names=list(class_names))})
     info = datasets.DatasetInfo(features=features)
-    return datasets.Dataset(InMemoryTable(table), info=info, split=split)
+    return datasets.Dataset(InMemoryTable(table), info=info, split=split, fingerprint=fingerprint)
 
 
 def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = None, pad_to: int | None = 32):
@@ -139,7 +146,10 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
         if ph < 0 or pw < 0:
             raise ValueError(f"pad_to={pad_to} is smaller than the {images.shape[1:]} images")
         images = np.pad(images, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)))
-    return _image_dataset(np.ascontiguousarray(images), labels, FASHION_MNIST_CLASSES, split=split)
+    # Identity from the source files (path, size, mtime) instead of hashing 60k images.
+    stamp = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in (img_path, lbl_path)]
+    fingerprint = _fingerprint("fashion-mnist", split, pad_to, *stamp)
+    return _image_dataset(np.ascontiguousarray(images), labels, FASHION_MNIST_CLASSES, split=split, fingerprint=fingerprint)
 
 
 def load_imagefolder(data_dir: str | os.PathLike, split: str | None = None, **kwargs: Any):
@@ -220,7 +230,7 @@ def procedural_images(n: int, size: int = 32, seed: int = 0, num_classes: int = 
     for i in range(n):
         rng = np.random.default_rng([seed, i])
         images[i] = np.round(_procedural_image(rng, int(labels[i]), size) * 255).astype(np.uint8)
-    return _image_dataset(images, labels, PROCEDURAL_CLASSES[:num_classes])
+    return _image_dataset(images, labels, PROCEDURAL_CLASSES[:num_classes], fingerprint=_fingerprint("procedural-v1", n, size, seed, num_classes))
 
 
 # ------------------------------------------------------------------------------------------------------- transforms
@@ -330,7 +340,8 @@ class ImageTransform:
         for col in self.passthrough:
             if col not in batch:
                 raise ValueError(f"passthrough column {col!r} not in the batch (columns: {sorted(batch)})")
-            out[col] = [torch.as_tensor(np.asarray(v)) for v in batch[col]]
+            arrays = [np.asarray(v) for v in batch[col]]
+            out[col] = [torch.from_numpy(a.astype(np.float32) if a.dtype.kind == "f" else a) for a in arrays]
         return out
 
     def __repr__(self) -> str:

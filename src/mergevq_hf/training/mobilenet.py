@@ -196,12 +196,16 @@ def load_mobilenet_v2(weights: str | os.PathLike | None = None, *, frozen: bool 
         raise OSError(f"MobileNetV2 weights file not found: {path}")
     model = MobileNetV2()
     state = _read_state_dict(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    wrong_shape = [k for k in expected.keys() & state.keys() if tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong_shape:
         raise ValueError(
-            f"{path} is not a torchvision-layout MobileNetV2 state dict: missing keys {missing[:5]}"
-            f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            f"{path} is not a torchvision-layout MobileNetV2 state dict: missing keys {missing[:5]}, "
+            f"unexpected keys {unexpected[:5]}, wrong shapes {sorted(wrong_shape)[:5]} (first 5 of each)"
         )
+    model.load_state_dict(state, strict=True)
     if frozen:
         model.eval().requires_grad_(False)
     return model
