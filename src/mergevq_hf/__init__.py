@@ -3,11 +3,28 @@
 Model modules are imported eagerly: diffusers resolves pipeline components from `sys.modules`.
 """
 
+from .cache_mergear import MergeARCache
+from .configuration_mergear import MergeARConfig
 from .configuration_mergevq import MergeVQConfig
+from .modeling_mergear import MergeARForCausalLM, register_mergear_auto_classes
 from .modeling_mergevq import MergeVQEncoderOutput, MergeVQModel, MergeVQOutput, register_mergevq_auto_classes
+from .pipeline_mergevq import MergeVQPipeline, MergeVQReconstructionOutput
+from .hub import export_for_hub
 
 register_mergevq_auto_classes()
+register_mergear_auto_classes()
 
 __version__ = "0.1.0"
 
-__all__ = ["MergeVQConfig", "MergeVQModel", "MergeVQEncoderOutput", "MergeVQOutput"]
+__all__ = [
+    "MergeARCache",
+    "MergeARConfig",
+    "MergeARForCausalLM",
+    "MergeVQConfig",
+    "MergeVQEncoderOutput",
+    "MergeVQModel",
+    "MergeVQOutput",
+    "MergeVQPipeline",
+    "MergeVQReconstructionOutput",
+    "export_for_hub",
+]

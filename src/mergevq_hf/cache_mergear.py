@@ -75,9 +75,17 @@ class MergeARCacheLayer(DynamicLayer):
 
     def _write(self, step: dict, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         ring = self.cache.ring
-        if step["ring_slots"].numel():
-            self.keys[:, :, step["ring_slots"]] = key_states[:, :, step["ring_columns"]]
-            self.values[:, :, step["ring_slots"]] = value_states[:, :, step["ring_columns"]]
+        if step["decode"]:
+            # Scatter each row's token into its own slot, and (same slot for all rows) into the ring.
+            index = (ring + step["kept_slots"]).view(-1, 1, 1, 1).expand_as(key_states)
+            self.keys.scatter_(2, index, key_states)
+            self.values.scatter_(2, index, value_states)
+            if ring:
+                self.keys[:, :, step["ring_slot"]] = key_states[:, :, 0]
+                self.values[:, :, step["ring_slot"]] = value_states[:, :, 0]
+            return
+        self.keys.index_copy_(2, step["ring_slots"], key_states[:, :, step["ring_columns"]])
+        self.values.index_copy_(2, step["ring_slots"], value_states[:, :, step["ring_columns"]])
         rows, columns, slots = step["kept_rows"], step["kept_columns"], ring + step["kept_slots"]
         self.keys[rows, :, slots] = key_states[rows, :, columns]
         self.values[rows, :, slots] = value_states[rows, :, columns]
@@ -206,6 +214,7 @@ class MergeARCache(Cache):
             "kept_slots": kept_slots,
             "ring_slots": ring_slots,
             "ring_columns": ring_columns,
+            "ring_slot": int(positions[0]) % self.ring if self.ring else None,
         }
         return mask
 

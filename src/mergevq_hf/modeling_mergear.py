@@ -52,8 +52,8 @@ def _rotate_half_per_axis(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((-x2, x1), dim=-2).flatten(-3)
 
 
-def rotary_2d(position_ids: torch.Tensor, config: MergeARConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, q]`` sequence indices -> ``(cos, sin)`` of shape ``[B, 1, q, head_dim]``.
+def rotary_2d(position_ids: torch.Tensor, config: MergeARConfig, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, q]`` sequence indices -> ``(cos, sin)`` of shape ``[B, 1, q, head_dim]`` in ``dtype``.
 
     Image token ``j`` (sequence index ``j + 2``) sits at (row, col) = ``divmod(j, grid_size)``. The two prompt
     tokens get position (0, 0), i.e. no rotation: unlike LlamaGen, whose all-zero prefix rows zero the class
@@ -67,7 +67,7 @@ def rotary_2d(position_ids: torch.Tensor, config: MergeARConfig) -> tuple[torch.
     rows = (raster // config.grid_size).float()[..., None] * inv_freq
     cols = (raster % config.grid_size).float()[..., None] * inv_freq
     angles = torch.cat([rows, rows, cols, cols], dim=-1)[:, None]
-    return angles.cos(), angles.sin()
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 class MergeARAttention(nn.Module):
@@ -318,9 +318,9 @@ class MergeARModel(MergeARPreTrainedModel):
             raise ValueError(
                 f"Sequence longer than the prompt + L = {NUM_PREFIX + self.config.num_image_tokens} tokens."
             )
-        rotary = rotary_2d(position_ids.expand(input_ids.shape[0], -1), self.config)
         mask = self._attention_mask(input_ids, attention_mask, cache, past)
         hidden_states = self.token_dropout(self.embed(input_ids))
+        rotary = rotary_2d(position_ids.expand(input_ids.shape[0], -1), self.config, hidden_states.dtype)
         for layer in self.layers:
             hidden_states = layer(hidden_states, rotary, mask, cache)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{_CACHE_FIELD: cache})

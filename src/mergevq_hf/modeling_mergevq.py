@@ -148,10 +148,10 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, layer_scale: float, mix_ffn: bool = False):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim)  # eps 1e-5, as the released timm blocks
         self.attn = SelfAttention(dim, num_heads)
         self.ls1 = LayerScale(dim, layer_scale)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim)
         self.mlp = (MixMlp if mix_ffn else Mlp)(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, layer_scale)
 

@@ -6,8 +6,13 @@
 * :mod:`.teacher`: frozen alignment teachers and a disk cache of their features.
 * :mod:`.data`: Fashion-MNIST / procedural / imagefolder datasets, image transform and collator.
 * :mod:`.ema`: exponential moving average of model weights.
+* :mod:`.trainer_tokenizer`: ``MergeVQTrainer`` (stage 1: generator + PatchGAN discriminator, EMA, K sampling).
+* :mod:`.trainer_mergear`: pre-tokenisation cache, per-example K sampling and ``MergeARTrainer`` (stage 2).
+* :mod:`.atomic_checkpoints`: Trainer checkpoints written to a staging folder and renamed into place.
+* :mod:`.sources`: the ``--dataset`` strings of the example scripts; :mod:`.plotting`: loss-curve PNGs.
 
-Model files never import this package. The submodules import ``datasets`` and ``transformers`` lazily.
+Model files never import this package. The submodules import ``datasets`` and ``transformers`` lazily; the trainer
+classes (which import ``transformers.Trainer`` and ``accelerate``) are loaded on first attribute access.
 """
 
 from .data import (
@@ -22,14 +27,45 @@ from .ema import EMAModel
 from .losses import LeCAMRegularizer, PatchGANDiscriminator, adopt_weight, hinge_d_loss, non_saturating_g_loss
 from .mobilenet import MobileNetV2, load_mobilenet_v2
 from .perceptual import PerceptualLoss
+from .plotting import plot_loss_curves
+from .sources import load_image_dataset
 from .teacher import HFTeacher, MobileNetV2Teacher, attach_teacher_features, build_teacher, precompute_teacher_features
 
+# Loaded on first access: importing transformers.Trainer costs seconds that data/loss users should not pay.
+_LAZY = {
+    "AtomicCheckpointMixin": ".atomic_checkpoints",
+    "last_complete_checkpoint": ".atomic_checkpoints",
+    "MergeARTokenDataset": ".trainer_mergear",
+    "MergeARTrainer": ".trainer_mergear",
+    "MergeARTrainingArguments": ".trainer_mergear",
+    "mergear_config_for_tokenizer": ".trainer_mergear",
+    "pretokenize": ".trainer_mergear",
+    "MergeVQTrainer": ".trainer_tokenizer",
+    "MergeVQTrainingArguments": ".trainer_tokenizer",
+    "reconstruction_metrics": ".trainer_tokenizer",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "AtomicCheckpointMixin",
     "EMAModel",
     "FASHION_MNIST_CLASSES",
     "HFTeacher",
     "ImageTransform",
     "LeCAMRegularizer",
+    "MergeARTokenDataset",
+    "MergeARTrainer",
+    "MergeARTrainingArguments",
+    "MergeVQTrainer",
+    "MergeVQTrainingArguments",
     "MobileNetV2",
     "MobileNetV2Teacher",
     "PatchGANDiscriminator",
@@ -40,9 +76,15 @@ __all__ = [
     "collate_images",
     "hinge_d_loss",
     "load_fashion_mnist",
+    "last_complete_checkpoint",
+    "load_image_dataset",
     "load_imagefolder",
     "load_mobilenet_v2",
+    "mergear_config_for_tokenizer",
     "non_saturating_g_loss",
+    "plot_loss_curves",
     "precompute_teacher_features",
+    "pretokenize",
     "procedural_images",
+    "reconstruction_metrics",
 ]

@@ -1,0 +1,255 @@
+"""The `mergevq` command: a thin layer over the library.
+
+    mergevq generate --classes 0 3 --num-per-class 2 --output grid.png
+    mergevq reconstruct shirt.png --num-tokens 9 --output-dir out/
+    mergevq encode *.png --num-tokens 16 --output codes.safetensors
+    mergevq export hub_folder/
+    mergevq train-tokenizer | train-ar | eval | convert ...   (options: mergevq <command> --help)
+
+The last four hand their arguments to the scripts and modules that define them, so their options live in one place.
+Heavy imports happen inside each command. Bad input exits with status 2 and one line `mergevq: error: ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import runpy
+import sys
+from pathlib import Path
+
+PROG = "mergevq"
+# examples/ ships with the source tree, not the wheel: the training commands need a checkout (or an editable install).
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
+
+
+# ---- commands whose options are defined elsewhere -----------------------------------------------------------------
+
+
+def _run_example(script: str, argv: list[str]) -> int:
+    path = EXAMPLES_DIR / script
+    if not path.is_file():
+        raise FileNotFoundError(f"{script} is not installed with the package; run it from a source checkout ({path})")
+    namespace = runpy.run_path(str(path), run_name=f"mergevq_{path.stem}")  # defines main() without running it
+    namespace["main"](argv)
+    return 0
+
+
+def _run_module_main(module: str, argv: list[str]) -> int:
+    return importlib.import_module(module).main(argv) or 0
+
+
+FORWARDED = {
+    "train-tokenizer": ("train a MergeVQ tokenizer (examples/train_tokenizer.py)", lambda a: _run_example("train_tokenizer.py", a)),
+    "train-ar": ("train a MergeAR generator on a tokenizer's codes (examples/train_mergear.py)", lambda a: _run_example("train_mergear.py", a)),
+    "eval": ("evaluate a tokenizer or generator (rFID, PSNR, SSIM, gFID, IS, ...)", lambda a: _run_module_main("mergevq_hf.evaluation", a)),
+    "convert": ("convert an official MergeVQ checkpoint to this package's format", lambda a: _run_module_main("mergevq_hf.convert", a)),
+}
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------------
+
+
+def _load(args):
+    """The pipeline named by --model (or the default chain), on --device; says so when it is the random one."""
+    import torch
+
+    from .defaults import load_default_pipeline
+
+    loaded = load_default_pipeline(args.model)
+    if loaded.notice:
+        print(f"{PROG}: note: {loaded.notice}", file=sys.stderr)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = loaded.pipeline.to(device)
+    pipe.set_progress_bar_config(disable=None, desc="generating")  # disable=None: a bar only on a terminal
+    return pipe, loaded.source
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _batches(items: list, size: int, desc: str):
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(items), desc=desc, unit="img", disable=None) as bar:
+        for start in range(0, len(items), size):
+            yield items[start : start + size]
+            bar.update(len(items[start : start + size]))
+
+
+def _reconstruct_all(pipe, paths: list[str], num_tokens: int | None, batch_size: int, desc: str):
+    """Yield (path, input image, reconstruction output of its batch, row) for every image, batch by batch."""
+    from .visualization import load_image
+
+    for batch in _batches(paths, batch_size, desc):
+        images = [load_image(path)[0] for path in batch]
+        output = pipe.reconstruct(images, num_tokens=num_tokens)
+        for row, (path, image) in enumerate(zip(batch, images)):
+            yield path, image, output, row
+
+
+# ---- commands -----------------------------------------------------------------------------------------------------
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .visualization import make_grid
+
+    pipe, _ = _load(args)
+    images = pipe(
+        class_labels=args.classes, num_images_per_class=args.num_per_class, num_tokens=args.num_tokens,
+        guidance_scale=args.guidance, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        generator=torch.Generator().manual_seed(args.seed),
+    ).images
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(images, nrow=args.num_per_class).save(output)
+    print(f"wrote {len(images)} images ({len(args.classes)} classes x {args.num_per_class}) to {output}")
+    return 0
+
+
+def cmd_reconstruct(args) -> int:
+    from PIL import ImageOps
+
+    from .visualization import draw_merge_map
+
+    stems = [Path(path).stem for path in args.images]
+    if len(set(stems)) != len(stems):
+        raise ValueError("two input images share a file name; their outputs would overwrite each other")
+    pipe, _ = _load(args)
+    config = pipe.vq_model.config
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path, image, output, row in _reconstruct_all(pipe, args.images, args.num_tokens, args.batch_size, "reconstructing"):
+        stem = Path(path).stem
+        output.images[row].save(out_dir / f"{stem}.recon.png")
+        # Draw over the square crop the tokenizer saw (the pipeline resizes the short side and centre-crops).
+        seen = ImageOps.fit(image, (config.image_size, config.image_size))
+        draw_merge_map(seen, output.source_maps[row], config.grid_size).save(out_dir / f"{stem}.merge.png")
+    num_tokens = output.indices.shape[1]
+    print(
+        f"wrote {len(args.images)} reconstructions and merge maps to {out_dir} "
+        f"(K = {num_tokens} tokens for L = {config.num_patches} positions, {config.num_patches / num_tokens:.1f}x fewer)"
+    )
+    return 0
+
+
+def cmd_encode(args) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    pipe, source = _load(args)
+    indices, source_maps = [], []
+    for _, _, output, row in _reconstruct_all(pipe, args.images, args.num_tokens, args.batch_size, "encoding"):
+        indices.append(output.indices[row].cpu())
+        source_maps.append(output.source_maps[row].cpu())
+    config = pipe.vq_model.config
+    tensors = {"indices": torch.stack(indices).long(), "source_maps": torch.stack(source_maps).long()}
+    metadata = {  # safetensors metadata values must be strings
+        "images": json.dumps(list(args.images)), "model": source, "num_tokens": str(tensors["indices"].shape[1]),
+        "grid_size": str(config.grid_size), "codebook_bits": str(config.codebook_bits),
+    }
+    output_path = Path(args.output)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(output_path), metadata=metadata)
+    print(
+        f"wrote indices {list(tensors['indices'].shape)} and source_maps {list(tensors['source_maps'].shape)} to {output_path}"
+    )
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .hub import export_for_hub
+
+    pipe, _ = _load(args)
+    folder = export_for_hub(pipe, args.folder, repo_id=args.repo_id)
+    print(f"wrote a self-contained Hub folder (load with trust_remote_code=True) to {folder}")
+    return 0
+
+
+# ---- parser -------------------------------------------------------------------------------------------------------
+
+
+def _add_model_options(parser):
+    parser.add_argument(
+        "--model", metavar="FOLDER_OR_HUB_ID",
+        help="pipeline to load: a folder written by save_pretrained or a Hub id (default: $MERGEVQ_MODEL, then the "
+        "bundled model, then a tiny random model, announced on stderr)",
+    )
+    parser.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda when available, else cpu)")
+
+
+def _add_image_options(parser, what: str):
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size and mode; resized and centre-cropped to the model's size)")
+    parser.add_argument("--num-tokens", "-k", type=_positive_int, metavar="K", help=f"merged tokens per image for {what}, 1 <= K <= L (default: the tokenizer's num_tokens)")
+    parser.add_argument("--batch-size", type=_positive_int, default=16, help="images per forward pass (default: 16)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="MergeVQ image tokenizer and MergeAR generator (arXiv 2504.00999).")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    generate = commands.add_parser("generate", help="sample class-conditional images into a PNG grid", description="Sample images with MergeAR and decode them with MergeVQ; one row per class.")
+    generate.add_argument("--classes", type=int, nargs="+", default=[0], metavar="ID", help="class ids to sample, in [0, num_classes) (default: 0)")
+    generate.add_argument("--num-per-class", type=_positive_int, default=1, metavar="N", help="images per class (default: 1)")
+    generate.add_argument("--num-tokens", "-k", type=_positive_int, metavar="K", help="token budget: how many distinct merged tokens each image gets, 1 <= K <= L (default: the generator's default_num_tokens)")
+    generate.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale; 1 turns it off (default: 2.0)")
+    generate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature > 0 (default: 1.0)")
+    generate.add_argument("--top-k", type=int, default=0, help="keep only the k most likely codes; 0 = off (default: 0)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off (default: 1.0)")
+    generate.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images (default: 0)")
+    generate.add_argument("--output", "-o", default="mergevq_samples.png", help="PNG file for the image grid (default: mergevq_samples.png)")
+    _add_model_options(generate)
+    generate.set_defaults(func=cmd_generate)
+
+    reconstruct = commands.add_parser("reconstruct", help="encode images to K merged tokens and decode them back", description="Write NAME.recon.png (the reconstruction) and NAME.merge.png (the merge map: grid cells of one colour share one token) for each image.")
+    _add_image_options(reconstruct, "the round trip")
+    reconstruct.add_argument("--output-dir", "-o", default="mergevq_reconstructions", help="folder for the outputs (default: mergevq_reconstructions)")
+    _add_model_options(reconstruct)
+    reconstruct.set_defaults(func=cmd_reconstruct)
+
+    encode = commands.add_parser("encode", help="write token indices and source maps to a safetensors file", description="Encode images to K merged tokens. The file holds 'indices' [N, K] and 'source_maps' [N, L] (int64; for each grid position in raster order, its token), and metadata: the image paths (JSON), model, num_tokens, grid_size, codebook_bits.")
+    _add_image_options(encode, "the codes")
+    encode.add_argument("--output", "-o", default="codes.safetensors", help="safetensors file to write (default: codes.safetensors)")
+    _add_model_options(encode)
+    encode.set_defaults(func=cmd_encode)
+
+    export = commands.add_parser("export", help="write a self-contained Hub folder (loads with trust_remote_code=True)", description="Save the pipeline with its model code and a model card, ready to upload to the Hub.")
+    export.add_argument("folder", help="output folder")
+    export.add_argument("--repo-id", help="Hub id shown in the model card's usage example")
+    _add_model_options(export)
+    export.set_defaults(func=cmd_export)
+
+    for name, (summary, _) in FORWARDED.items():
+        commands.add_parser(name, help=f"{summary}; options: {PROG} {name} --help", add_help=False)
+    return parser
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv and argv[0] in FORWARDED:  # the backing script parses (and documents) its own options
+            return FORWARDED[argv[0]][1](argv[1:])
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except (ValueError, OSError) as error:  # bad input or a missing file: one readable line, no traceback
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except ImportError as error:  # training and evaluation need the optional extras
+        print(f"{PROG}: error: {_one_line(error)}; install them with pip install 'mergevq_hf[training,evaluation]'", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

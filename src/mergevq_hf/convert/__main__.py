@@ -1,0 +1,5 @@
+import sys
+
+from .official import main
+
+sys.exit(main())

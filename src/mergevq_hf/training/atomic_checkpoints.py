@@ -1,0 +1,110 @@
+"""Atomic Trainer checkpoints: a run killed at any moment never leaves a half-written ``checkpoint-N``.
+
+transformers 5.24's ``Trainer._save_checkpoint`` writes every file straight into ``<output_dir>/checkpoint-N``. A
+SIGKILL in the middle leaves a folder that ``get_last_checkpoint`` (``--resume_from_checkpoint last``) picks up and
+then cannot load. :class:`AtomicCheckpointMixin` lets the Trainer write into ``<output_dir>/_staging/checkpoint-N``
+and, once every process has written its files, renames the finished folder to ``<output_dir>/checkpoint-N`` with a
+single ``os.replace`` (atomic on POSIX file systems). Every ``checkpoint-N`` is therefore complete, and resuming from
+"the last checkpoint" only ever sees complete ones. The staging folder starts with ``_``, so ``Trainer.push_to_hub``
+does not upload it; a stale one left by a killed save is cleared by the next save of the same step.
+
+The rename protects against the process dying, not against power loss (files are not fsynced).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+
+__all__ = ["STAGING_DIRNAME", "AtomicCheckpointMixin", "last_complete_checkpoint", "resolve_resume_checkpoint"]
+
+STAGING_DIRNAME = "_staging"
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """Newest ``checkpoint-N`` folder of ``output_dir`` (``None`` when there is none or the folder is missing).
+
+    With :class:`AtomicCheckpointMixin` every such folder is complete; unfinished saves live under ``_staging``.
+    """
+    return get_last_checkpoint(str(output_dir)) if os.path.isdir(output_dir) else None
+
+
+def resolve_resume_checkpoint(value: str | None, output_dir: str | os.PathLike) -> str | None:
+    """``--resume_from_checkpoint`` of the example scripts: ``None`` (start fresh), ``"last"`` (the newest complete
+    checkpoint of ``output_dir``, or a fresh start when there is none, so a restarted job "just continues"), or the
+    path of a checkpoint folder."""
+    if value is None or value == "":
+        return None
+    if value.lower() in ("last", "true"):
+        return last_complete_checkpoint(output_dir)
+    if not os.path.isfile(os.path.join(value, "trainer_state.json")):
+        raise ValueError(f"--resume_from_checkpoint {value!r} is not a checkpoint folder (no trainer_state.json); pass a checkpoint-N folder or 'last'")
+    return value
+
+
+class AtomicCheckpointMixin:
+    """Mix into a ``Trainer`` subclass (before ``Trainer``) to write checkpoints atomically.
+
+    Subclasses that keep state outside the model/optimizer (a discriminator, EMA weights) write it in
+    :meth:`save_extra_checkpoint_files`, which runs while the checkpoint is still staged, so it is part of the
+    atomic rename.
+    """
+
+    _checkpoint_staging_root: str | None = None
+
+    def _get_output_dir(self, trial):
+        # Trainer._save_checkpoint builds "<run dir>/checkpoint-N" from this: during a save, point it at staging.
+        if self._checkpoint_staging_root is not None:
+            return self._checkpoint_staging_root
+        return super()._get_output_dir(trial)
+
+    @property
+    def is_saving_checkpoint(self) -> bool:
+        """True while a checkpoint is being written (lets ``save_model`` overrides tell checkpoints from exports)."""
+        return self._checkpoint_staging_root is not None
+
+    def save_extra_checkpoint_files(self, checkpoint_dir: str) -> None:
+        """Hook: write additional files into the (staged) checkpoint folder. Called on every process."""
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_root = os.path.join(run_dir, STAGING_DIRNAME)
+        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+        if self.args.should_save and os.path.isdir(staged):
+            shutil.rmtree(staged)  # left over by a save that was killed
+        self.accelerator.wait_for_everyone()  # nobody writes into `staged` before it was cleared
+
+        self._checkpoint_staging_root = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+            self.save_extra_checkpoint_files(staged)
+        finally:
+            self._checkpoint_staging_root = None
+        self.accelerator.wait_for_everyone()  # every process has written its files (e.g. rng_state_<rank>.pth)
+
+        if self.args.should_save:
+            if self.state.best_model_checkpoint == staged:  # recorded while the folder still lived in staging
+                self.state.best_model_checkpoint = final
+            if os.path.isdir(final):  # saving the same step twice: move the old one aside atomically first
+                trash = os.path.join(staging_root, f"{name}.old")
+                shutil.rmtree(trash, ignore_errors=True)
+                os.replace(final, trash)
+                os.replace(staged, final)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(staged, final)
+            try:
+                os.rmdir(staging_root)
+            except OSError:
+                pass  # not empty (another leftover) or already gone
+            # The Trainer rotated inside the staging folder, where there is nothing to rotate: do it here.
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()  # no process runs ahead while the folder is being renamed
