@@ -2,9 +2,13 @@
 
 Each launcher starts two fresh Python processes, which makes these the slowest training tests (about half a minute
 each on two cores); they live in their own file so that a quick run can leave them out
-(``pytest --ignore tests/test_training_distributed.py``). Each compares the 2-process model with a 1-process run of
-the same global batch: same data order, same K per step, so the results must be close (not equal: LFQ's batch
-entropy and the discriminator's BatchNorm see each process's half batch).
+(``pytest --ignore tests/test_training_distributed.py``). Each compares the 2-process run with a 1-process run of
+the same global batch (same data order, same K per step).
+
+For the tokenizer, the terms that see the whole batch are switched off (LFQ's batch entropy, the discriminator's
+BatchNorm, LeCAM's batch-mean anchors), so two processes compute the same update as one, up to the order of float
+sums: the first steps must match closely. Later steps drift apart (an LFQ code whose latent sits near zero flips on
+a rounding difference), so the final models are compared by quality only.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -47,16 +50,20 @@ def _launch(cmd: list[str]) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+# No term that depends on how the batch is split between processes.
+SPLIT_INVARIANT = ("--discriminator_norm", "group", "--lecam_weight", "0", "--config_overrides", '{"batch_entropy_weight": 0}')
+
+
 @pytest.fixture(scope="module")
 def single_process_tokenizer(tmp_path_factory):
     out = tmp_path_factory.mktemp("tokenizer_1proc")
-    trainer = _script("train_tokenizer").main(tokenizer_argv(out, 12))  # batch 8
+    trainer = _script("train_tokenizer").main(tokenizer_argv(out, 12, *SPLIT_INVARIANT))  # batch 8
     return out, train_logs(trainer.state.log_history)
 
 
 def test_torchrun_two_processes_match_one_process(single_process_tokenizer, tmp_path):
     single_dir, single_logs = single_process_tokenizer
-    argv = _with(tokenizer_argv(tmp_path, 12), per_device_train_batch_size=4)  # 2 x 4 = the single run's batch of 8
+    argv = _with(tokenizer_argv(tmp_path, 12, *SPLIT_INVARIANT), per_device_train_batch_size=4)  # 2 x 4 = the single run's 8
     _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
              str(ROOT / "examples" / "train_tokenizer.py"), *argv])
 
@@ -66,10 +73,13 @@ def test_torchrun_two_processes_match_one_process(single_process_tokenizer, tmp_
     logs = train_logs(state["log_history"])
     assert sorted(logs) == list(range(1, 13))
     assert [logs[s]["num_tokens"] for s in logs] == [single_logs[s]["num_tokens"] for s in logs]  # same K per step
-    recon = lambda entries: np.mean([entries[s]["reconstruction_loss"] for s in range(9, 13)])  # noqa: E731
-    assert recon(logs) == pytest.approx(recon(single_logs), rel=0.1)
+    for step in (1, 2, 3):  # the same updates: gradients are averaged over processes, the discriminator's too
+        for key in ("loss", "grad_norm", "reconstruction_loss", "discriminator_loss", "generator_adversarial_loss"):
+            assert logs[step][key] == pytest.approx(single_logs[step][key], rel=2e-3), (step, key)
     ddp, single = (json.loads((d / "eval_results.json").read_text()) for d in (tmp_path, single_dir))
-    assert ddp["ema_l1"] == pytest.approx(single["ema_l1"], abs=0.03)
+    start = logs[1]["reconstruction_loss"]
+    assert ddp["raw_l1"] < start - 0.05 and single["raw_l1"] < start - 0.05  # both learned
+    assert ddp["raw_l1"] == pytest.approx(single["raw_l1"], abs=0.08)
 
 
 def test_accelerate_launch_two_processes_match_one_process(single_process_tokenizer, tmp_path):

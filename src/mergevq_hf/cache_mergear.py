@@ -81,8 +81,9 @@ class MergeARCacheLayer(DynamicLayer):
             self.keys.scatter_(2, index, key_states)
             self.values.scatter_(2, index, value_states)
             if ring:
-                self.keys[:, :, step["ring_slot"]] = key_states[:, :, 0]
-                self.values[:, :, step["ring_slot"]] = value_states[:, :, 0]
+                slot = (self.cache.seen - 1) % ring  # the token just observed has sequence index seen - 1
+                self.keys[:, :, slot] = key_states[:, :, 0]
+                self.values[:, :, slot] = value_states[:, :, 0]
             return
         self.keys.index_copy_(2, step["ring_slots"], key_states[:, :, step["ring_columns"]])
         self.values.index_copy_(2, step["ring_slots"], value_states[:, :, step["ring_columns"]])
@@ -180,27 +181,28 @@ class MergeARCache(Cache):
             )
         positions = self.seen + torch.arange(q, device=device)
         keep = self._keep(input_ids)
-        old_lengths, new_lengths = self.lengths, self.lengths + keep.sum(1)
-        stored_before, stored_after = int(old_lengths.max()), int(new_lengths.max())
+        new_lengths = self.lengths + keep.sum(1)
         decode = q == 1
         if decode:
-            # Every row writes its token to its next free slot (a kept token then advances the row's length).
+            # Every row writes its token into its next free slot; only a kept token then advances the row's length.
             kept_rows = torch.arange(rows, device=device)
             kept_columns = torch.zeros(rows, dtype=torch.long, device=device)
-            kept_slots = old_lengths
+            kept_slots = self.lengths
+            self._grow(int(self.lengths.max()) + 1)
         else:
             kept_rows, kept_columns = keep.nonzero(as_tuple=True)
-            kept_slots = (old_lengths[:, None] + keep.cumsum(1) - 1)[kept_rows, kept_columns]
-        self._grow(stored_before + 1 if decode else stored_after)
-        mask = self._mask(keep, positions, old_lengths, new_lengths, stored_before, stored_after, decode)
+            kept_slots = (self.lengths[:, None] + keep.cumsum(1) - 1)[kept_rows, kept_columns]
+            self._grow(int(new_lengths.max()))
+            mask = self._chunk_mask(keep, positions)  # over [old storage, new tokens], from the old state
+        stored_before = int(self.lengths.max())
 
-        # Book-keeping after the step; the layers then store K/V at the planned slots.
-        # (At decode, rows whose token is a repeat write -1 into their free slot: it stays free.)
-        planned = keep[kept_rows, kept_columns]
-        self.codes[kept_rows, kept_slots] = torch.where(planned, input_ids[kept_rows, kept_columns], -1)
-        in_ring = min(q, self.ring)
-        ring_columns = torch.arange(q - in_ring, q, device=device)
-        ring_slots = positions[ring_columns] % max(self.ring, 1)
+        # Move the bookkeeping on; the layers then store K/V at the planned slots. (At decode, a row whose
+        # token is a repeat writes -1 into its free slot, which stays free.)
+        self.codes[kept_rows, kept_slots] = torch.where(
+            keep[kept_rows, kept_columns], input_ids[kept_rows, kept_columns], -1
+        )
+        ring_columns = torch.arange(q - min(q, self.ring), q, device=device)  # the last W tokens enter the ring
+        ring_slots = positions[ring_columns] % max(self.ring, 1)  # (no columns when there is no ring)
         self.ring_repeat[:, ring_slots] = ~keep[:, ring_columns]
         self.ring_position[ring_slots] = positions[ring_columns]
         self.lengths = new_lengths
@@ -208,14 +210,16 @@ class MergeARCache(Cache):
         self.step = {
             "decode": decode,
             "stored_before": stored_before,
-            "stored_after": stored_after,
+            "stored_after": int(new_lengths.max()),
             "kept_rows": kept_rows,
             "kept_columns": kept_columns,
             "kept_slots": kept_slots,
             "ring_slots": ring_slots,
             "ring_columns": ring_columns,
-            "ring_slot": int(positions[0]) % self.ring if self.ring else None,
         }
+        if decode:  # the layers write first, so the mask describes the new state
+            kept = torch.arange(self.step["stored_after"], device=device) < self.lengths[:, None]
+            mask = torch.cat([self.ring_repeat, kept], dim=1)[:, None, None, :]
         return mask
 
     def _keep(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -232,20 +236,15 @@ class MergeARCache(Cache):
             self.codes = torch.cat([self.codes, free], dim=1)
             self.capacity = capacity
 
-    def _mask(self, keep, positions, old_lengths, new_lengths, stored_before, stored_after, decode):
-        device = keep.device
-        if decode:
-            ring = self.ring_repeat.clone()
-            if self.ring:
-                ring[:, int(positions[0]) % self.ring] = ~keep[:, 0]
-            kept = torch.arange(stored_after, device=device) < new_lengths[:, None]
-            return torch.cat([ring, kept], dim=1)[:, None, None, :]
-        rows, q = keep.shape
+    def _chunk_mask(self, keep: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # Old ring entries are visible to the queries they are recent for, old kept slots to all queries, and
+        # the new tokens follow the sparsity rule among themselves.
+        q = keep.shape[1]
         recent = positions[:, None] - self.ring_position[None, :] < self.window
         ring = self.ring_repeat[:, None, :] & recent[None]
-        kept = (torch.arange(stored_before, device=device) < old_lengths[:, None])[:, None, :].expand(-1, q, -1)
-        new = sparse_causal_mask(keep, self.window)[:, 0]
-        return torch.cat([ring, kept, new], dim=2)[:, None]
+        stored = int(self.lengths.max())
+        kept = (torch.arange(stored, device=keep.device) < self.lengths[:, None])[:, None, :].expand(-1, q, -1)
+        return torch.cat([ring, kept, sparse_causal_mask(keep, self.window)[:, 0]], dim=2)[:, None]
 
     def stored_length(self, layer_idx: int = 0) -> int:
         """Slots in use per layer (ring + the longest row's kept tokens); every layer stores the same tokens."""
