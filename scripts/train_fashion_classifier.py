@@ -1,8 +1,8 @@
 """Train the LeNet-style Fashion-MNIST classifier used by the "lenet-fashion" evaluation metrics.
 
 Writes ``src/mergevq_hf/evaluation/weights/lenet_fashion_mnist.safetensors`` and a JSON card next to it with the
-test accuracy and the file's SHA-256 (checked by ``load_fashion_classifier``). Deterministic on CPU for a fixed seed
-and thread count; about a minute on 2 cores. Needs the Debian package ``dataset-fashion-mnist``.
+test accuracy and the file's SHA-256 (checked by ``load_fashion_classifier``). Seeded; bit-identical reruns need the
+same torch build and thread count. About 1.5 minutes on 2 idle cores. Needs the Debian package ``dataset-fashion-mnist``.
 
     OMP_NUM_THREADS=2 .venv/bin/python scripts/train_fashion_classifier.py
 """

@@ -80,7 +80,8 @@ def test_joint_logits_are_the_factorised_probabilities():
         p_low = low_logits[0].softmax(-1)  # slot 0 only sees h: identical for every low value
         for low in low_values:
             high = torch.arange(high_logits.shape[-1])
-            expected[row, merge_indices(low.expand_as(high), high, head.low_bits)] = p_low[low] * high_logits[low].softmax(-1)
+            codes = merge_indices(low.expand_as(high), high, head.low_bits)
+            expected[row, codes] = p_low[low] * high_logits[low].softmax(-1)
     torch.testing.assert_close(logits.softmax(-1), expected, rtol=1e-5, atol=1e-7)
 
 
@@ -105,7 +106,8 @@ def test_dense_head_variant():
     model = tiny_model(factorized_bits=None)
     labels = torch.randint(0, 64, (2, L))
     out = model(class_labels=[0, 1], num_tokens=5, labels=labels)
-    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), label_smoothing=0.1))
+    expected = F.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), label_smoothing=0.1)
+    torch.testing.assert_close(out.loss, expected)
     assert model.generate(class_labels=[2], num_tokens=5).shape == (1, 2 + L)
 
 
@@ -163,7 +165,8 @@ def test_batched_cfg_equals_two_forwards():
 
 def test_sampling_is_seeded_and_generate_features_work():
     model = tiny_model()
-    kwargs = {"class_labels": [1, 2], "num_tokens": 16, "do_sample": True, "top_k": 20, "top_p": 0.9, "temperature": 0.8}
+    kwargs = {"class_labels": [1, 2], "num_tokens": 16, "do_sample": True, "top_k": 20, "top_p": 0.9}
+    kwargs["temperature"] = 0.8
     torch.manual_seed(1)
     first = model.generate(**kwargs, num_return_sequences=2, cfg_scale=2.0)
     torch.manual_seed(1)

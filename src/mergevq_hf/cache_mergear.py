@@ -174,11 +174,6 @@ class MergeARCache(Cache):
             self.codes = torch.full((rows, 0), -1, dtype=torch.long, device=device)
             self.ring_repeat = torch.zeros(rows, self.ring, dtype=torch.bool, device=device)
             self.ring_position = torch.zeros(self.ring, dtype=torch.long, device=device)
-        elif rows != self.lengths.shape[0]:
-            raise ValueError(
-                f"MergeARCache holds {self.lengths.shape[0]} rows but the forward has {rows}; use a fresh cache "
-                "per generate call and keep cfg_scale the same for all steps."
-            )
         positions = self.seen + torch.arange(q, device=device)
         keep = self._keep(input_ids)
         new_lengths = self.lengths + keep.sum(1)

@@ -52,7 +52,7 @@ def _rotate_half_per_axis(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((-x2, x1), dim=-2).flatten(-3)
 
 
-def rotary_2d(position_ids: torch.Tensor, config: MergeARConfig, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_2d(position_ids: torch.Tensor, config: MergeARConfig, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """``[B, q]`` sequence indices -> ``(cos, sin)`` of shape ``[B, 1, q, head_dim]`` in ``dtype``.
 
     Image token ``j`` (sequence index ``j + 2``) sits at (row, col) = ``divmod(j, grid_size)``. The two prompt
@@ -262,6 +262,8 @@ class MergeARModel(MergeARPreTrainedModel):
 
     def _attention_mask(self, input_ids, attention_mask, cache, past):
         if attention_mask is not None and attention_mask.dim() == 4:
+            if isinstance(cache, MergeARCache):
+                raise ValueError("An explicit 4-D attention_mask cannot be combined with a MergeARCache.")
             return attention_mask  # an explicit mask, e.g. a reference computation in tests
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("MergeAR does not support padding: attention_mask must be all ones.")
@@ -328,8 +330,6 @@ class MergeARModel(MergeARPreTrainedModel):
 
 def _cache_rows(cache) -> int | None:
     # Batch rows a filled cache holds (None when it cannot tell), to reject a mismatched batch early.
-    if isinstance(cache, MergeARCache):
-        return None if cache.lengths is None else cache.lengths.shape[0]
     keys = getattr(cache.layers[0], "keys", None) if cache is not None and cache.layers else None
     return keys.shape[0] if isinstance(keys, torch.Tensor) and keys.dim() == 4 else None
 
@@ -485,7 +485,9 @@ class MergeARForCausalLM(MergeARPreTrainedModel, GenerationMixin):
             position_ids = torch.cat([position_ids, position_ids])
         return input_ids, attention_mask, position_ids
 
-    def generate(self, inputs=None, generation_config=None, class_labels=None, num_tokens=None, cfg_scale=None, **kwargs):
+    def generate(
+        self, inputs=None, generation_config=None, class_labels=None, num_tokens=None, cfg_scale=None, **kwargs
+    ):
         r"""``GenerationMixin.generate`` with a class-conditional entry and a fresh ``MergeARCache`` by default.
 
         class_labels: ``[B]`` ids (or a list); the prompt ``[cls, M(K)]`` is built for you.

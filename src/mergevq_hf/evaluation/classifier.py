@@ -114,10 +114,11 @@ def train_fashion_classifier(
     seed: int = 0,
     log_every: int = 100,
 ) -> FashionLeNet:
-    """Train :class:`FashionLeNet` with Adam and cross-entropy; deterministic for a fixed seed and thread count.
+    """Train :class:`FashionLeNet` with Adam and cross-entropy, seeded (initialisation and batch order).
 
     ``train_images``: ``[N, 1 or 3, 32, 32]`` in [-1, 1]; ``train_labels``: ``[N]`` in 0..9. Returns the model in
-    eval mode. 3 epochs on the 60k train split take about a minute on 2 CPU cores.
+    eval mode. 3 epochs on the 60k train split take about 1.5 minutes on 2 idle CPU cores (offline-assets.md §3).
+    Bit-identical reruns need the same torch build and thread count.
     """
     if train_images.ndim != 4 or len(train_images) != len(train_labels):
         raise ValueError(f"need images [N, C, 32, 32] and labels [N], got {tuple(train_images.shape)} and {tuple(train_labels.shape)}")

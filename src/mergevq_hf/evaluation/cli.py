@@ -37,11 +37,14 @@ def _load_dataset(spec: str, split: str, num_samples: int | None):
     raise ValueError(f"--dataset must be 'fashion-mnist', 'procedural' or 'imagefolder:DIR', got {spec!r}")
 
 
-def _images(args, split: str, image_size: int, num_samples: int | None):
+def _images(args, split: str, image_size: int, num_samples: int | None, at_most: bool = False):
+    """A fixed subset of ``num_samples`` images (all when None); ``at_most`` caps it at the split's size."""
     from .suite import dataset_to_tensors
 
     dataset = _load_dataset(args.dataset, split, num_samples)
-    return dataset_to_tensors(dataset, image_size, num_samples=num_samples if num_samples and num_samples < len(dataset) else None, seed=args.seed)
+    if num_samples is not None and (num_samples == len(dataset) or (at_most and num_samples > len(dataset))):
+        num_samples = None
+    return dataset_to_tensors(dataset, image_size, num_samples=num_samples, seed=args.seed)
 
 
 def _load_pipeline(model: str | None):
@@ -91,7 +94,7 @@ def cmd_generation(args) -> dict[str, Any]:
     num_classes = pipeline.transformer.config.num_classes
     labels = torch.arange(num_classes).repeat_interleave(args.num_per_class)
     call_kwargs = {"num_tokens": args.num_tokens, "guidance_scale": args.guidance_scale, "temperature": args.temperature}
-    reference, _ = _images(args, args.split, pipeline.vq_model.config.image_size, args.num_reference or len(labels))
+    reference, _ = _images(args, args.split, pipeline.vq_model.config.image_size, args.num_reference or len(labels), at_most=args.num_reference is None)
     result = evaluate_generation(
         pipeline_sample_fn(pipeline, **call_kwargs), labels, reference, feature_networks=args.features,
         batch_size=args.batch_size, seed=args.seed, state=state, device=state.device,
@@ -134,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--output", type=Path, help="also write the JSON result to this file")
         sub.add_argument("--markdown", action="store_true", help="also print a markdown table")
 
+    from .features import FEATURE_EXTRACTORS
+
     def features(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--features", nargs="+", default=["lenet-fashion"], help="feature networks: lenet-fashion mobilenet_v2 inception (default: %(default)s)")
+        sub.add_argument("--features", nargs="+", default=["lenet-fashion"], choices=sorted(FEATURE_EXTRACTORS), help="feature networks (default: %(default)s)")
 
     rec = tasks.add_parser("reconstruction", help="PSNR, SSIM, rFD/KID, codebook usage at each K")
     common(rec, 64)

@@ -20,7 +20,7 @@ import hashlib
 import importlib.util
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn

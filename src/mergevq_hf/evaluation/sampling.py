@@ -109,13 +109,13 @@ def sample_and_gather(
     # Every process pads to the same number of rows (gather needs equal shapes); padding rows get position -1.
     capacity = math.ceil(num_batches / world) * batch_size
     local_positions = torch.cat(positions)
-    padded = {"position": torch.cat([local_positions, local_positions.new_full((capacity - len(local_positions),), -1)])}
+    padded = {"__position__": torch.cat([local_positions, local_positions.new_full((capacity - len(local_positions),), -1)])}
     for key, chunks in rows.items():
         value = torch.cat(chunks)
         padded[key] = torch.cat([value, value.new_zeros((capacity - len(value), *value.shape[1:]))])
     gathered = {key: value.cpu() for key, value in gather({k: v.to(state.device) for k, v in padded.items()}).items()}
 
-    keep = gathered.pop("position")
+    keep = gathered.pop("__position__")
     order = keep[keep >= 0].argsort()
     result = {key: value[keep >= 0][order] for key, value in gathered.items()}
     result["class_labels"] = labels
