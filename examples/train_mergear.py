@@ -8,6 +8,7 @@ its own K (merge instruction) and learns the raster sequence of its merged codes
     python examples/train_mergear.py --tokenizer outputs/tokenizer --output_dir outputs/mergear --preset tiny \
         --dataset fashion_mnist --max_steps 2000 --per_device_train_batch_size 64 --logging_steps 50 --use_cpu
     python examples/train_mergear.py ... --resume_from_checkpoint last             # continue a killed run
+    python examples/train_mergear.py ... --generation_mode random                  # MergeRandAR (random order)
     torchrun --nproc_per_node 2 examples/train_mergear.py ...                      # DDP
     accelerate launch --config_file examples/accelerate_configs/fsdp.yaml examples/train_mergear.py ...
 
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser, set_seed
 from transformers.trainer_utils import enable_full_determinism
 
-from mergevq_hf import MergeARForCausalLM, MergeVQModel
+from mergevq_hf import MergeARForCausalLM, MergeRandARConfig, MergeRandARForCausalLM, MergeVQModel
 from mergevq_hf.training import load_image_dataset, plot_loss_curves
 from mergevq_hf.training.atomic_checkpoints import resolve_resume_checkpoint
 from mergevq_hf.training.trainer_mergear import (
@@ -37,6 +38,7 @@ from mergevq_hf.training.trainer_mergear import (
     mergear_config_for_tokenizer,
     pretokenize,
 )
+from mergevq_hf.training.trainer_randar import MergeRandARTokenDataset, collate_random_order
 
 logger = logging.getLogger("train_mergear")
 
@@ -47,6 +49,7 @@ class ModelArguments:
     preset: str = field(default="tiny", metadata={"help": "MergeARConfig preset: 'tiny', 'L' or 'L-1024'."})
     config_overrides: str | None = field(default=None, metadata={"help": 'JSON dict of MergeARConfig fields, e.g. \'{"class_dropout_prob": 0.1}\'.'})
     init_from: str | None = field(default=None, metadata={"help": "Start from this pretrained MergeAR (folder or Hub id) instead of a preset."})
+    generation_mode: str = field(default="raster", metadata={"help": "'raster' (MergeAR) or 'random' (MergeRandAR: K merged tokens in random order with position instructions)."})
 
 
 @dataclass
@@ -106,26 +109,33 @@ def main(argv: list[str] | None = None) -> MergeARTrainer:
             return images, pretokenize(images, tokenizer, candidates, image_column=data_args.image_column, label_column=data_args.label_column,
                                        batch_size=data_args.tokenize_batch_size, cache_dir=data_args.token_cache_dir)
 
+    if model_args.generation_mode not in ("raster", "random"):
+        raise ValueError(f"--generation_mode must be 'raster' or 'random', got {model_args.generation_mode!r}")
+    random_order = model_args.generation_mode == "random"
+    dataset_class = MergeRandARTokenDataset if random_order else MergeARTokenDataset
+    model_class = MergeRandARForCausalLM if random_order else MergeARForCausalLM
     images, train_tokens = tokens(data_args.split, data_args.max_train_samples)
-    train = MergeARTokenDataset(train_tokens, candidates, probs, seed=args.seed)
+    train = dataset_class(train_tokens, candidates, probs, seed=args.seed)
     evaluation = None
     if data_args.eval_split and data_args.eval_samples > 0:
         try:
-            evaluation = MergeARTokenDataset(tokens(data_args.eval_split, data_args.eval_samples)[1], candidates, probs, seed=args.seed + 1)
+            evaluation = dataset_class(tokens(data_args.eval_split, data_args.eval_samples)[1], candidates, probs, seed=args.seed + 1)
         except (ValueError, KeyError) as err:  # e.g. an image folder without a test split
             logger.warning("no held-out loss: split %r unavailable (%s)", data_args.eval_split, err)
 
     if model_args.init_from:
-        model = MergeARForCausalLM.from_pretrained(model_args.init_from)
+        model = model_class.from_pretrained(model_args.init_from)
     else:
         overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}
         if not isinstance(overrides, dict):
             raise ValueError(f"--config_overrides must be a JSON object, got {model_args.config_overrides!r}")
-        config = mergear_config_for_tokenizer(model_args.preset, tokenizer.config, num_classes_of(images, data_args.label_column), **overrides)
-        model = MergeARForCausalLM(config)
+        config_class = MergeRandARConfig if random_order else None
+        config = mergear_config_for_tokenizer(model_args.preset, tokenizer.config, num_classes_of(images, data_args.label_column), config_class=config_class, **overrides)
+        model = model_class(config)
     del tokenizer
 
-    trainer = MergeARTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation)
+    collator = {"data_collator": collate_random_order} if random_order else {}
+    trainer = MergeARTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation, **collator)
     resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if resume:
         logger.info("resuming from %s", resume)
@@ -140,7 +150,7 @@ def main(argv: list[str] | None = None) -> MergeARTrainer:
         trainer.save_metrics("eval", metrics)
     if trainer.is_world_process_zero():
         try:
-            plot_loss_curves(trainer.state.log_history, os.path.join(args.output_dir, "loss_curves.png"), title=f"MergeAR {model_args.preset} on {data_args.dataset}")
+            plot_loss_curves(trainer.state.log_history, os.path.join(args.output_dir, "loss_curves.png"), title=f"{type(model).__name__} {model_args.preset} on {data_args.dataset}")
         except ValueError as err:
             logger.warning("no loss-curve plot: %s", err)
     if args.push_to_hub:

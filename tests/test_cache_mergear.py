@@ -154,7 +154,8 @@ def test_cache_contract_and_misuse():
     model = tiny_model()
     cache = MergeARCache(model.config)
     assert not cache.is_croppable and cache.get_seq_length() == 0 and cache.stored_bytes() == 0
-    model(input_ids=model.build_prompt([1, 2], 4), cache=cache)
+    model(input_ids=model.build_prompt([1, 2], 4), past_key_values=cache)  # the pre-5.24 keyword works too
+    assert cache.get_seq_length() == 2
     assert cache.get_mask_sizes(1, 0) == (cache.stored_length() + 1, 2 - cache.stored_length())
     with pytest.raises(ValueError, match="cropped"):
         cache.crop(-1)

@@ -7,12 +7,15 @@ from .cache_mergear import MergeARCache
 from .configuration_mergear import MergeARConfig
 from .configuration_mergevq import MergeVQConfig
 from .modeling_mergear import MergeARForCausalLM, register_mergear_auto_classes
+from .configuration_randar import MergeRandARConfig
+from .modeling_randar import MergeRandARForCausalLM, MergeRandARGenerationOutput, register_randar_auto_classes
 from .modeling_mergevq import MergeVQEncoderOutput, MergeVQModel, MergeVQOutput, register_mergevq_auto_classes
 from .pipeline_mergevq import MergeVQPipeline, MergeVQReconstructionOutput
 from .hub import export_for_hub
 
 register_mergevq_auto_classes()
 register_mergear_auto_classes()
+register_randar_auto_classes()
 
 __version__ = "0.1.0"
 
@@ -20,6 +23,9 @@ __all__ = [
     "MergeARCache",
     "MergeARConfig",
     "MergeARForCausalLM",
+    "MergeRandARConfig",
+    "MergeRandARForCausalLM",
+    "MergeRandARGenerationOutput",
     "MergeVQConfig",
     "MergeVQEncoderOutput",
     "MergeVQModel",

@@ -337,10 +337,11 @@ def _cache_rows(cache) -> int | None:
 class MergeARForCausalLM(MergeARPreTrainedModel, GenerationMixin):
     """MergeAR generator: backbone + output head (factorised for large codebooks, dense up to 14 bits).
 
-    Logits are log-probabilities over all ``V`` image codes. With the factorised head they are the exact joint
-    ``log p(lo) + log p(hi | lo)``, computed by running the head for every low value, so greedy, sampling,
-    temperature, top-k, top-p and guidance all act on the joint distribution of a code, not per sub-token as in
-    Open-MAGVIT2. Training returns ``CE(lo) + CE(hi | true lo)`` and the two teacher-forced logit tensors.
+    Logits cover all ``V`` image codes. With the factorised head they are the exact joint log-probabilities
+    ``log p(lo) + log p(hi | lo)``, computed by running the head for every low value (one batched pass), so
+    greedy, sampling, temperature, top-k, top-p and guidance all act on the joint distribution of a code, not per
+    sub-token as in Open-MAGVIT2. With a dense head they are the head's plain output. Training returns
+    ``CE(lo) + CE(hi | true lo)`` and the two teacher-forced logit tensors.
 
     Generation::
 

@@ -1,4 +1,4 @@
-"""MergeVQPipeline: class-conditional image generation (MergeAR) and tokenizer round trips (MergeVQ).
+"""MergeVQPipeline: class-conditional image generation (MergeAR or MergeRandAR) and tokenizer round trips (MergeVQ).
 
 This file is copied verbatim to the root of a Hub export (see `mergevq_hf.hub.export_for_hub`), where it is loaded
 with `trust_remote_code=True` and the package is not installed. It therefore imports nothing from the package: the
@@ -21,6 +21,7 @@ from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from transformers import LogitsProcessor, LogitsProcessorList
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+GUIDANCE_SCHEDULES = ("constant", "linear")
 
 # Model-card metadata shared by every card this project writes (`mergevq_hf.hub` reuses it).
 CARD_LICENSE = "apache-2.0"
@@ -66,11 +67,17 @@ def _is_int(value) -> bool:
 
 class MergeVQPipeline(DiffusionPipeline):
     r"""
-    Class-conditional generation with MergeAR + MergeVQ, and reconstruction through MergeVQ's merged tokens.
+    Class-conditional generation with MergeAR or MergeRandAR + MergeVQ, and reconstruction through MergeVQ's merged
+    tokens.
 
     Components:
         vq_model: `MergeVQModel`, the tokenizer; decodes the generated codes and runs `reconstruct`.
-        transformer: `MergeARForCausalLM`, the generator over the tokenizer's `L`-position code grid.
+        transformer: the generator; its class sets `generation_mode`:
+            - `MergeARForCausalLM` ("raster"): all `L` grid positions in raster order, each carrying its merged
+              parent's code; decoded without a source map.
+            - `MergeRandARForCausalLM` ("random"): the `K` merged tokens in random order with position
+              instructions; the tokenizer's learned source recovery then predicts the merge map for decoding
+              (method-spec §3.4), so the tokenizer must have `use_source_recovery=True`.
 
     Example:
         >>> pipe = MergeVQPipeline.from_pretrained("path/or/hub-id")
@@ -90,7 +97,17 @@ class MergeVQPipeline(DiffusionPipeline):
                 f"{vq.grid_size}x{vq.grid_size} grid, the transformer codebook_bits={ar.codebook_bits} and a "
                 f"{ar.grid_size}x{ar.grid_size} grid"
             )
+        if getattr(ar, "model_type", None) == "mergevq_randar" and not vq.use_source_recovery:
+            raise ValueError(
+                "random-order generation decodes through the tokenizer's learned source recovery, but this vq_model "
+                "was built with use_source_recovery=False"
+            )
         self.register_modules(vq_model=vq_model, transformer=transformer)
+
+    @property
+    def generation_mode(self) -> str:
+        """`"random"` for a MergeRandAR transformer (K tokens in random order), `"raster"` for MergeAR (L tokens)."""
+        return "random" if self.transformer.config.model_type == "mergevq_randar" else "raster"
 
     # ---- generation ----------------------------------------------------------------------------------------------
 
@@ -101,6 +118,7 @@ class MergeVQPipeline(DiffusionPipeline):
         num_images_per_class: int = 1,
         num_tokens: int | None = None,
         guidance_scale: float | None = 2.0,
+        guidance_schedule: str = "constant",
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
@@ -118,6 +136,8 @@ class MergeVQPipeline(DiffusionPipeline):
                 instruction); default `transformer.config.default_num_tokens`; must lie in `[1, L]`.
             guidance_scale: classifier-free guidance scale `s` (logits `u + s (c - u)`, one batched forward per step);
                 None or 1.0 turns guidance off. The Open-MAGVIT2 / LlamaGen sampling scripts use about 2.
+            guidance_schedule: `"constant"`, or `"linear"` (random mode only, as RandAR): the scale rises from 1 at
+                the first generated token to `guidance_scale` at the last.
             temperature, top_k, top_p: sampling controls applied after guidance (`top_k=None` or 0 and
                 `top_p=None` or 1.0 disable the filters).
             generator: a `torch.Generator` that seeds the sampling (same seed, same images on the same device).
@@ -127,13 +147,18 @@ class MergeVQPipeline(DiffusionPipeline):
                 (float32 `[N, 3, H, W]` in [0, 1]).
             return_dict: return an `ImagePipelineOutput` (else a one-element tuple).
 
-        A progress bar advances once per decoding step (L steps); configure it with `set_progress_bar_config`.
+        A progress bar advances once per decoding step (L steps in raster mode, K in random mode); configure it
+        with `set_progress_bar_config`.
         """
         labels = self._check_class_labels(class_labels)
         if not _is_int(num_images_per_class) or num_images_per_class < 1:
             raise ValueError(f"num_images_per_class must be a positive integer, got {num_images_per_class!r}")
         num_tokens = self._check_num_tokens(num_tokens, self.transformer.config.default_num_tokens)
         cfg_scale = self._check_sampling(guidance_scale, temperature, top_k, top_p)
+        if guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
+        if guidance_schedule != "constant" and self.generation_mode != "random":
+            raise ValueError("guidance_schedule='linear' needs a random-order (MergeRandAR) transformer")
         self._check_output_type(output_type)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(
@@ -142,6 +167,18 @@ class MergeVQPipeline(DiffusionPipeline):
             )
 
         labels = labels.repeat_interleave(num_images_per_class).to(self.transformer.device)
+        if self.generation_mode == "random":
+            with self.progress_bar(total=num_tokens) as bar, self._seeded(generator):
+                generated = self.transformer.generate(
+                    class_labels=labels, num_tokens=num_tokens, cfg_scale=cfg_scale, cfg_schedule=guidance_schedule,
+                    temperature=float(temperature), top_k=top_k or 0, top_p=None if top_p is None else float(top_p),
+                    callback=lambda step: bar.update(1),
+                )
+            codes = generated.image_tokens.to(self.vq_model.device)
+            images = self.vq_model.decode(codes, self.vq_model.predict_source_map(codes))
+            images = self._postprocess(images, output_type)
+            self.maybe_free_model_hooks()
+            return ImagePipelineOutput(images=images) if return_dict else (images,)
         with self.progress_bar(total=self.transformer.config.num_image_tokens) as bar, self._seeded(generator):
             sequences = self.transformer.generate(
                 class_labels=labels, num_tokens=num_tokens, cfg_scale=cfg_scale, do_sample=True,
@@ -341,6 +378,11 @@ class MergeVQPipeline(DiffusionPipeline):
         `remote_code=True` describes a folder written by `mergevq_hf.hub.export_for_hub` (loads without the package).
         """
         vq, ar = self.vq_model.config, self.transformer.config
+        generator = (
+            "MergeRandAR (K merged tokens in random order, decoded through the learned source recovery)"
+            if self.generation_mode == "random"
+            else "MergeAR (raster order over all L positions)"
+        )
         data = ModelCardData(
             license=CARD_LICENSE, library_name="diffusers", pipeline_tag="unconditional-image-generation",
             tags=CARD_TAGS + ["class-conditional-image-generation", "mergevq_hf"], datasets=CARD_DATASETS,
@@ -366,7 +408,7 @@ MergeVQ tokenizer and MergeAR class-conditional generator
 
 - Tokenizer: {vq.image_size}x{vq.image_size} images, L = {vq.num_patches} tokens merged to K = {vq.num_tokens},
   {vq.codebook_bits}-bit look-up-free codes.
-- Generator: {ar.num_classes} classes, {ar.num_hidden_layers} layers of width {ar.hidden_size},
+- Generator: {generator}, {ar.num_classes} classes, {ar.num_hidden_layers} layers of width {ar.hidden_size},
   default K = {ar.default_num_tokens}.
 
 ## Usage

@@ -8,6 +8,7 @@
 * :mod:`.ema`: exponential moving average of model weights.
 * :mod:`.trainer_tokenizer`: ``MergeVQTrainer`` (stage 1: generator + PatchGAN discriminator, EMA, K sampling).
 * :mod:`.trainer_mergear`: pre-tokenisation cache, per-example K sampling and ``MergeARTrainer`` (stage 2).
+* :mod:`.trainer_randar`: random-order examples and their padding collator for ``MergeRandARForCausalLM``.
 * :mod:`.atomic_checkpoints`: Trainer checkpoints written to a staging folder and renamed into place.
 * :mod:`.sources`: the ``--dataset`` strings of the example scripts; :mod:`.plotting`: loss-curve PNGs.
 
@@ -40,6 +41,8 @@ _LAZY = {
     "MergeARTrainingArguments": ".trainer_mergear",
     "mergear_config_for_tokenizer": ".trainer_mergear",
     "pretokenize": ".trainer_mergear",
+    "MergeRandARTokenDataset": ".trainer_randar",
+    "collate_random_order": ".trainer_randar",
     "MergeVQTrainer": ".trainer_tokenizer",
     "MergeVQTrainingArguments": ".trainer_tokenizer",
     "reconstruction_metrics": ".trainer_tokenizer",
@@ -64,6 +67,7 @@ __all__ = [
     "MergeARTokenDataset",
     "MergeARTrainer",
     "MergeARTrainingArguments",
+    "MergeRandARTokenDataset",
     "MergeVQTrainer",
     "MergeVQTrainingArguments",
     "MobileNetV2",
@@ -74,6 +78,7 @@ __all__ = [
     "attach_teacher_features",
     "build_teacher",
     "collate_images",
+    "collate_random_order",
     "hinge_d_loss",
     "load_fashion_mnist",
     "last_complete_checkpoint",

@@ -67,13 +67,16 @@ def _weights_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def mergear_config_for_tokenizer(preset: str, tokenizer_config, num_classes: int, **overrides):
+def mergear_config_for_tokenizer(preset: str, tokenizer_config, num_classes: int, config_class=None, **overrides):
     """A :class:`~mergevq_hf.MergeARConfig` of size ``preset`` whose vocabulary and grid match the tokenizer's.
 
     ``codebook_bits``, ``factorized_bits`` and ``grid_size`` come from ``tokenizer_config``; ``default_num_tokens``
     from its ``num_tokens``. Keywords override anything else (``class_dropout_prob``, ``hidden_size``, ...).
+    ``config_class`` builds a subclass instead, e.g. ``MergeRandARConfig`` for the random-order generator.
     """
     from ..configuration_mergear import MergeARConfig
+
+    config_class = config_class or MergeARConfig
 
     for name in ("codebook_bits", "factorized_bits", "grid_size"):
         if name in overrides:
@@ -87,7 +90,7 @@ def mergear_config_for_tokenizer(preset: str, tokenizer_config, num_classes: int
         default_num_tokens=tokenizer_config.num_tokens,
         num_classes=num_classes,
     )
-    return MergeARConfig.from_preset(preset, **{**matched, **overrides})
+    return config_class.from_preset(preset, **{**matched, **overrides})
 
 
 def pretokenize(

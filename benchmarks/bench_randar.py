@@ -1,0 +1,168 @@
+"""Random-order generation (MergeRandAR) vs raster MergeAR, and the cost of predicted source maps.
+
+Three parts, each printing a markdown table (benchmarks/RESULTS_randar.md holds the figures):
+
+* ``speed``: decoding steps per image (K for MergeRandAR, L for MergeAR) and images/s, same backbone sizes, random
+  weights, batched CFG, on this machine's CPU (or ``--device``). MergeAR runs ``generate`` with its
+  repeat-evicting ``MergeARCache``; MergeRandAR runs its own loop with a ``DynamicCache`` (one forward of the pair
+  ``[y_n, P(p_{n+1})]`` per step). The two alternate per repeat, so machine load hits both alike.
+* ``recon --tokenizer DIR``: Fashion-MNIST test images encoded to K tokens and decoded through the true source
+  map vs the source map that the learned source recovery predicts from the K codes alone (what random-order
+  generation has to use). PSNR, FD on the Fashion-MNIST LeNet (rFID-style), and how many positions get their
+  true parent. Paper, ImageNet G+R: rFID 1.48 (true) -> 1.71 (predicted).
+* ``generation --tokenizer DIR --mergear DIR --randar DIR``: FD and class accuracy (LeNet) of class-conditional
+  samples of both generators on the same tokenizer, against Fashion-MNIST test images.
+
+Usage:
+    python benchmarks/bench_randar.py speed [--threads N]
+    python benchmarks/bench_randar.py recon --tokenizer src/mergevq_hf/pretrained/mergevq-fashion-mnist-tiny/vq_model
+    python benchmarks/bench_randar.py generation --tokenizer T --mergear M --randar R [--num-samples 2000]
+"""
+
+import argparse
+import platform
+import time
+
+import torch
+
+from mergevq_hf import MergeARConfig, MergeARForCausalLM, MergeRandARConfig, MergeRandARForCausalLM, MergeVQModel
+
+SPEED_CASES = [(16, 144, 1), (16, 144, 16), (32, 256, 1), (32, 256, 16)]  # (grid side, K, batch)
+
+
+def speed(args):
+    sizes = dict(
+        hidden_size=args.hidden_size, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        intermediate_size=int(args.hidden_size * 2.75), num_factorized_layers=1, num_classes=10,
+        codebook_bits=args.codebook_bits, factorized_bits=[args.codebook_bits // 2, args.codebook_bits - args.codebook_bits // 2],
+    )
+    print(f"CPU: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
+          f"hidden {args.hidden_size}, {args.layers} layers, {args.codebook_bits}-bit codes, CFG {args.cfg}\n")
+    print("| grid (L) | K | batch | MergeAR steps | MergeRandAR steps | MergeAR img/s | MergeRandAR img/s | speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    for grid, num_tokens, batch in SPEED_CASES:
+        torch.manual_seed(0)
+        common = dict(sizes, grid_size=grid, default_num_tokens=num_tokens)
+        raster = MergeARForCausalLM(MergeARConfig(**common)).eval().to(args.device)
+        random_order = MergeRandARForCausalLM(MergeRandARConfig(**common)).eval().to(args.device)
+        labels = torch.arange(batch) % 10
+
+        def run_raster():
+            raster.generate(class_labels=labels, num_tokens=num_tokens, cfg_scale=args.cfg, do_sample=True, top_k=0)
+
+        def run_random():
+            random_order.generate(labels, num_tokens=num_tokens, cfg_scale=args.cfg, generator=torch.Generator(args.device))
+
+        elapsed = {"raster": 0.0, "random": 0.0}
+        with torch.inference_mode():
+            run_raster(), run_random()  # warm-up
+            for repeat in range(args.repeats):
+                for name, run in sorted({"raster": run_raster, "random": run_random}.items(), reverse=repeat % 2 == 1):
+                    start = time.perf_counter()
+                    run()
+                    if args.device != "cpu":
+                        torch.cuda.synchronize()
+                    elapsed[name] += time.perf_counter() - start
+        rate = {name: batch * args.repeats / seconds for name, seconds in elapsed.items()}
+        print(f"| {grid}x{grid} ({grid * grid}) | {num_tokens} | {batch} | {grid * grid} | {num_tokens} | "
+              f"{rate['raster']:.2f} | {rate['random']:.2f} | {rate['random'] / rate['raster']:.2f}x |")
+
+
+def fashion_test_images(image_size: int, num_samples: int):
+    from mergevq_hf.evaluation import dataset_to_tensors
+    from mergevq_hf.training import load_image_dataset
+
+    return dataset_to_tensors(load_image_dataset("fashion_mnist", "test"), image_size, num_samples=num_samples)
+
+
+@torch.no_grad()
+def recon(args):
+    from mergevq_hf.evaluation import extract_features, frechet_distance, load_feature_extractor, psnr
+
+    vq_model = MergeVQModel.from_pretrained(args.tokenizer).eval().to(args.device)
+    images, _ = fashion_test_images(vq_model.config.image_size, args.num_samples)
+    lenet = load_feature_extractor("lenet-fashion", args.device)
+    real = extract_features(lenet, images)[0]
+    print(f"{len(images)} Fashion-MNIST test images, tokenizer {args.tokenizer}\n")
+    print("| K | source map | PSNR (dB) | FD-LeNet | positions with their true parent |")
+    print("|---|---|---|---|---|")
+    for num_tokens in args.num_tokens or [vq_model.config.num_tokens]:
+        rows = {"true": [], "predicted": []}
+        agreement = []
+        for batch in images.split(args.batch_size):
+            batch = batch.to(args.device)
+            encoded = vq_model.encode(batch, num_tokens=num_tokens)
+            predicted = vq_model.predict_source_map(encoded.indices)
+            agreement.append((predicted == encoded.source_map).float().mean(1).cpu())
+            for name, source_map in (("true", encoded.source_map), ("predicted", predicted)):
+                rows[name].append(vq_model.decode(encoded.indices, source_map).float().cpu())
+        for name, decoded in rows.items():
+            decoded = torch.cat(decoded)
+            fd = frechet_distance(real, extract_features(lenet, decoded)[0])
+            score = float(psnr(decoded, images.float()))
+            match = "1.000" if name == "true" else f"{float(torch.cat(agreement).mean()):.3f}"
+            print(f"| {num_tokens} | {name} | {score:.2f} | {fd:.2f} | {match} |")
+
+
+@torch.no_grad()
+def generation(args):
+    from mergevq_hf import MergeVQPipeline
+    from mergevq_hf.evaluation import evaluate_generation, pipeline_sample_fn
+
+    vq_model = MergeVQModel.from_pretrained(args.tokenizer).eval().to(args.device)
+    images, _ = fashion_test_images(vq_model.config.image_size, args.num_samples)
+    labels = torch.arange(args.num_samples) % 10
+    print(f"{args.num_samples} samples per model (labels cycling over the 10 classes) vs {len(images)} test images, "
+          f"K = {args.num_tokens or 'default'}, guidance {args.cfg}\n")
+    print("| generator | steps / image | FD-LeNet | class accuracy (LeNet) | images/s |")
+    print("|---|---|---|---|---|")
+    for name, path, model_class, extra in [
+        ("MergeAR (raster)", args.mergear, MergeARForCausalLM, {}),
+        ("MergeRandAR (random order)", args.randar, MergeRandARForCausalLM, {}),
+        ("MergeRandAR, linear CFG", args.randar, MergeRandARForCausalLM, {"guidance_schedule": "linear"}),
+    ]:
+        transformer = model_class.from_pretrained(path).eval().to(args.device)
+        pipe = MergeVQPipeline(vq_model=vq_model, transformer=transformer)
+        sample_fn = pipeline_sample_fn(pipe, num_tokens=args.num_tokens, guidance_scale=args.cfg, **extra)
+        start = time.perf_counter()
+        result = evaluate_generation(sample_fn, labels, images, batch_size=args.batch_size, device=args.device)
+        rate = args.num_samples / (time.perf_counter() - start)
+        k = args.num_tokens or transformer.config.default_num_tokens
+        steps = k if pipe.generation_mode == "random" else transformer.config.num_image_tokens
+        print(f"| {name} | {steps} | {result['fd/lenet-fashion']:.2f} | "
+              f"{result['class_accuracy/lenet-fashion']:.3f} | {rate:.1f} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parts = parser.add_subparsers(dest="part", required=True)
+    part = parts.add_parser("speed")
+    part.add_argument("--hidden-size", type=int, default=256)
+    part.add_argument("--layers", type=int, default=4)
+    part.add_argument("--heads", type=int, default=4)
+    part.add_argument("--codebook-bits", type=int, default=18)
+    part.add_argument("--cfg", type=float, default=2.0)
+    part.add_argument("--repeats", type=int, default=2)
+    part = parts.add_parser("recon")
+    part.add_argument("--tokenizer", required=True)
+    part.add_argument("--num-tokens", type=int, nargs="*")
+    part.add_argument("--num-samples", type=int, default=2000)
+    part.add_argument("--batch-size", type=int, default=250)
+    part = parts.add_parser("generation")
+    part.add_argument("--tokenizer", required=True)
+    part.add_argument("--mergear", required=True)
+    part.add_argument("--randar", required=True)
+    part.add_argument("--num-tokens", type=int, default=None)
+    part.add_argument("--num-samples", type=int, default=2000)
+    part.add_argument("--batch-size", type=int, default=100)
+    part.add_argument("--cfg", type=float, default=2.0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    {"speed": speed, "recon": recon, "generation": generation}[args.part](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""Configuration of MergeRandAR, the random-order generator of MergeVQ's K merged tokens (method-spec §3.4)."""
+
+from .configuration_mergear import MergeARConfig
+
+
+class MergeRandARConfig(MergeARConfig):
+    r"""
+    Configuration of [`MergeRandARForCausalLM`]. Every [`MergeARConfig`] field keeps its meaning (the two models
+    share their blocks and presets: ``MergeRandARConfig.from_preset("tiny", ...)``), except ``repeat_window``, which
+    is unused: this model sees each merged token once, so there are no repeats to evict.
+
+    Args:
+        position_loss_weight: weight of the position head's loss (which grid position the next token takes)
+            relative to the code loss.
+    """
+
+    model_type = "mergevq_randar"
+
+    position_loss_weight: float = 1.0
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        if not self.position_loss_weight >= 0:
+            raise ValueError(
+                f"MergeRandARConfig.position_loss_weight must be >= 0, got {self.position_loss_weight!r}."
+            )
+
+
+__all__ = ["MergeRandARConfig"]

@@ -1,0 +1,501 @@
+"""MergeRandAR: random-order generation of MergeVQ's K merged tokens with position instructions (method-spec §3.4).
+
+The paper's best generator (Table 3) produces the K merged tokens of an image in random order, RandAR style, and
+decodes them after the tokenizer's learned source recovery has predicted the merge map. This module is that path,
+built from MergeAR's blocks (decoder layers, 2-D RoPE, factorised image embedding and head, class token with a null
+class for guidance); only the sequence layout and the decoding loop are new.
+
+Sequence (teacher forcing)::
+
+    [cls, M(K), P(p_1), y_1, P(p_2), y_2, ..., P(p_K), y_K]
+
+* ``p_n`` is a merged token's position: its group's first (raster-minimum) grid position, as the tokenizer orders its
+  tokens (method-spec §3.4). Training permutes the K (code, position) pairs randomly per example.
+* ``P(p)`` is a learned *position instruction* saying which slot comes next; the hidden state at ``P(p_n)`` predicts
+  the code ``y_n``. ``P(p_n)`` and ``y_n`` both carry the 2-D RoPE of ``p_n``; the prefix carries none.
+* Which positions? RandAR fills all L positions, so its order is all it samples. Here only K of the L positions
+  hold a token, and that set depends on the image, so the model also predicts it: a *position head* reads the
+  state at ``M(K)`` (for ``p_1``) and at ``P(p_n)`` (for ``p_{n+1}``) and is trained towards the uniform
+  distribution over the positions of the image not used yet (the exact expectation of the cross-entropy over all
+  random orders, so it has no sampling noise). At generation the next position is sampled from that head with
+  the used positions masked out, or taken from a given order. Reading it at ``P(p_n)`` rather than at ``y_n`` lets
+  one forward of the pair ``[y_n, P(p_{n+1})]`` serve a whole step: K + 1 forwards per image instead of 2K.
+
+Ids (``V = 2**codebook_bits``, ``C = num_classes``, ``L = grid_size**2``): codes ``[0, V)``; class ``c`` is
+``V + c`` (``V + C`` = null class); ``M(K)`` is ``V + C + 1 + K``; ``P(p)`` is ``V + C + L + 2 + p``.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, TopKLogitsWarper, TopPLogitsWarper
+# diffusers finds a component's loading method by looking `PreTrainedModel` up in the component's own module.
+from transformers import PreTrainedModel  # noqa: F401
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.utils import ModelOutput
+
+# diffusers' remote-code loader copies only the sibling files a component's module imports directly (one level,
+# not transitively), so the siblings that modeling_mergear and configuration_randar need are named here as well.
+from .cache_mergear import MergeARCache  # noqa: F401
+from .configuration_mergear import MergeARConfig  # noqa: F401
+from .configuration_randar import MergeRandARConfig
+from .modeling_mergear import (
+    NUM_PREFIX,
+    MergeARDecoderLayer,
+    MergeARFactorizedHead,
+    MergeARImageEmbedding,
+    MergeARPreTrainedModel,
+    rotary_2d,
+)
+from .quantization_lfq import split_indices
+
+IGNORE_INDEX = -100  # padding of `labels` / `token_positions` when a batch mixes several K
+
+
+@dataclass
+class MergeRandAROutput(ModelOutput):
+    """
+    loss: ``code_loss + position_loss_weight * position_loss`` (training entry).
+    code_loss: mean ``CE(lo) + CE(hi | true lo)`` (or ``CE`` of a dense head) over the image tokens.
+    position_loss: mean cross-entropy of the position head against the uniform distribution over unused positions.
+    logits: generation entry: ``[B, T, V]`` code logits (joint log-probabilities with a factorised head) of the
+        kept positions; training entry with a dense head: ``[N, V]`` logits of the N image tokens.
+    low_logits, high_logits: training entry with a factorised head: ``[N, 2**low_bits]``, ``[N, 2**high_bits]``.
+    position_logits: ``[B, T, L]`` (generation entry) or ``[B, K_max, L]`` (training entry; padded steps included).
+    cache: the cache of the generation entry.
+    """
+
+    loss: torch.FloatTensor | None = None
+    code_loss: torch.FloatTensor | None = None
+    position_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    low_logits: torch.FloatTensor | None = None
+    high_logits: torch.FloatTensor | None = None
+    position_logits: torch.FloatTensor | None = None
+    cache: Cache | None = None
+
+
+@dataclass
+class MergeRandARGenerationOutput(ModelOutput):
+    """
+    image_tokens: ``[B, K]`` codes in the tokenizer's canonical order (by position), ready for
+        ``MergeVQModel.predict_source_map`` and ``decode``.
+    positions: ``[B, K]`` their grid positions, ascending.
+    generation_order: ``[B, K]`` positions in the order they were generated.
+    generated_tokens: ``[B, K]`` the codes in the order they were generated.
+    scores: ``[B, K, V]`` the code logits of every step, after guidance and before temperature / top-k / top-p,
+        in generation order (only with ``output_scores=True``).
+    """
+
+    image_tokens: torch.LongTensor | None = None
+    positions: torch.LongTensor | None = None
+    generation_order: torch.LongTensor | None = None
+    generated_tokens: torch.LongTensor | None = None
+    scores: torch.FloatTensor | None = None
+
+
+class MergeRandARPreTrainedModel(MergeARPreTrainedModel):
+    config: MergeRandARConfig
+    config_class = MergeRandARConfig
+
+
+class MergeRandARModel(MergeRandARPreTrainedModel):
+    """Backbone: embeddings of codes, class, merge and position instructions; MergeAR decoder layers; final norm."""
+
+    def __init__(self, config: MergeRandARConfig):
+        super().__init__(config)
+        self.embed_image = MergeARImageEmbedding(config)
+        self.embed_class = nn.Embedding(config.num_classes + 1, config.hidden_size)  # + null class
+        self.embed_merge = nn.Embedding(config.num_image_tokens + 1, config.hidden_size)  # indexed by K itself
+        self.embed_position = nn.Embedding(config.num_image_tokens, config.hidden_size)  # position instructions
+        self.token_dropout = nn.Dropout(config.token_dropout)
+        self.layers = nn.ModuleList(MergeARDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_init()
+
+    @property
+    def merge_base(self) -> int:
+        return self.config.codebook_size + self.config.num_classes + 1
+
+    @property
+    def position_base(self) -> int:
+        return self.merge_base + self.config.num_image_tokens + 1
+
+    def embed(self, input_ids):
+        """Embed a mixed sequence of codes, class, merge-instruction and position-instruction ids."""
+        config = self.config
+        codebook, classes, length = config.codebook_size, config.num_classes, config.num_image_tokens
+        class_ids = (input_ids - codebook).clamp(0, classes)
+        if self.training and config.class_dropout_prob > 0:
+            # Label dropout: trains the null class, the unconditional branch of classifier-free guidance.
+            dropped = torch.rand(class_ids.shape, device=class_ids.device) < config.class_dropout_prob
+            class_ids = class_ids.masked_fill(dropped, classes)
+        embedded = self.embed_image(input_ids.clamp(0, codebook - 1))
+        embedded = torch.where((input_ids >= codebook)[..., None], self.embed_class(class_ids), embedded)
+        merge = self.embed_merge((input_ids - self.merge_base).clamp(0, length))
+        embedded = torch.where((input_ids > self.merge_base)[..., None], merge, embedded)
+        position = self.embed_position((input_ids - self.position_base).clamp(0, length - 1))
+        return torch.where((input_ids >= self.position_base)[..., None], position, embedded)
+
+    def forward(self, input_ids, grid_positions, cache: Cache | None = None) -> BaseModelOutputWithPast:
+        r"""
+        input_ids: ``[B, q]`` mixed ids (module docstring). grid_positions: ``[B, q]`` grid position whose 2-D RoPE
+        each token gets (use 0, i.e. no rotation, for the prefix). cache: a ``Cache`` holding the tokens before.
+        """
+        if input_ids.dim() != 2 or grid_positions.shape != input_ids.shape:
+            raise ValueError(
+                f"input_ids and grid_positions must both be [batch, length], got {tuple(input_ids.shape)} and "
+                f"{tuple(grid_positions.shape)}."
+            )
+        end = self.position_base + self.config.num_image_tokens
+        if ((input_ids < 0) | (input_ids >= end) | (input_ids == self.merge_base)).any():
+            raise ValueError(f"input_ids must be valid MergeRandAR ids in [0, {end}) (see modeling_randar).")
+        past = cache.get_seq_length() if cache is not None else 0
+        length = input_ids.shape[1]
+        mask = None  # causal SDPA: right for a whole sequence and for a single new token
+        if past and length > 1:
+            index = torch.arange(past + length, device=input_ids.device)
+            mask = (index[past:, None] >= index[None, :])[None, None]
+        hidden_states = self.token_dropout(self.embed(input_ids))
+        rotary = rotary_2d(grid_positions + NUM_PREFIX, self.config, hidden_states.dtype)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, rotary, mask, cache)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states))
+
+
+def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.LongTensor:
+    # A generator may live on another device than the model (e.g. a CPU generator with a GPU model).
+    device = generator.device if generator is not None else probs.device
+    return torch.multinomial(probs.to(device), 1, generator=generator)[:, 0].to(probs.device)
+
+
+class MergeRandARForCausalLM(MergeRandARPreTrainedModel):
+    """Random-order generator of MergeVQ's K merged tokens (see the module docstring).
+
+    Training (stock ``Trainer``; see ``mergevq_hf.training.trainer_randar``)::
+
+        out = model(class_labels=[3], labels=codes_in_order[None], token_positions=positions_in_order[None])
+
+    Generation::
+
+        out = model.generate(class_labels=[3, 7], num_tokens=144, cfg_scale=2.0, cfg_schedule="linear")
+        source_map = vq_model.predict_source_map(out.image_tokens)
+        images = vq_model.decode(out.image_tokens, source_map)
+    """
+
+    def __init__(self, config: MergeRandARConfig):
+        super().__init__(config)
+        self.model = MergeRandARModel(config)
+        if config.factorized_bits is None:
+            self.lm_head = nn.Linear(config.hidden_size, config.codebook_size, bias=False)
+            self.lm_head.zero_init = True  # as LlamaGen: start from uniform predictions
+        else:
+            self.lm_head = MergeARFactorizedHead(config)
+        self.position_head = nn.Linear(config.hidden_size, config.num_image_tokens, bias=False)
+        self.position_head.zero_init = True  # uniform over positions at the start
+        self.post_init()
+
+    # ---- ids and checks ----------------------------------------------------------------------------------------
+
+    def _class_ids(self, class_labels) -> torch.LongTensor:
+        classes = self.config.num_classes
+        labels = torch.as_tensor(class_labels, device=self.device).reshape(-1)
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(f"class_labels must be integer class ids, got dtype {labels.dtype}.")
+        if labels.numel() == 0 or ((labels < 0) | (labels > classes)).any():
+            raise ValueError(
+                f"class_labels must be class ids in [0, {classes}] ({classes} = null class), got {labels.tolist()}."
+            )
+        return labels.long() + self.config.codebook_size
+
+    def _check_positions(self, positions, name: str) -> None:
+        length = self.config.num_image_tokens
+        valid = positions != IGNORE_INDEX
+        if ((positions[valid] < 0) | (positions[valid] >= length)).any():
+            raise ValueError(f"{name} must be grid positions in [0, L = {length}).")
+        ordered = positions.masked_fill(~valid, -1).sort(dim=1).values
+        if ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any():
+            raise ValueError(f"{name} must not repeat a position within a row (each merged token has its own).")
+
+    def build_sequence(self, class_labels, labels, token_positions):
+        """Teacher-forced ``(input_ids, grid_positions)`` ``[B, 2 K_max + 1]``: ``[cls, M(K), P(p_1), y_1, ..., P(p_K)]``.
+
+        ``labels`` / ``token_positions``: ``[B, K_max]`` codes and their grid positions in generation order, padded
+        at the end with ``-100`` when rows have different K. Padded steps get dummy ids after all real tokens, which
+        causal attention never lets a real token see.
+        """
+        labels, token_positions = torch.as_tensor(labels), torch.as_tensor(token_positions)
+        if labels.dim() != 2 or token_positions.shape != labels.shape or labels.shape[1] == 0:
+            raise ValueError(
+                f"labels and token_positions must both be [batch, K] (K >= 1), got {tuple(labels.shape)} and "
+                f"{tuple(token_positions.shape)}."
+            )
+        if labels.is_floating_point() or token_positions.is_floating_point():
+            raise ValueError("labels and token_positions must be integer tensors.")
+        labels, token_positions = labels.to(self.device).long(), token_positions.to(self.device).long()
+        class_ids = self._class_ids(class_labels)
+        if class_ids.numel() != labels.shape[0]:
+            raise ValueError(f"class_labels has {class_ids.numel()} entries but labels has {labels.shape[0]} rows.")
+        valid = labels != IGNORE_INDEX
+        if not torch.equal(valid, token_positions != IGNORE_INDEX):
+            raise ValueError("labels and token_positions must be padded (-100) at the same places.")
+        if (valid[:, 1:] & ~valid[:, :-1]).any() or not valid[:, 0].all():
+            raise ValueError("Padding (-100) must come after at least one real token, at the end of each row.")
+        codebook = self.config.codebook_size
+        if ((labels[valid] < 0) | (labels[valid] >= codebook)).any():
+            raise ValueError(f"labels must be image codes in [0, {codebook}) (or -100 for padding).")
+        self._check_positions(token_positions, "token_positions")
+
+        batch, steps = labels.shape
+        codes, positions = labels.clamp(min=0), token_positions.clamp(min=0)  # dummies for the padding
+        input_ids = torch.empty(batch, 2 * steps + 1, dtype=torch.long, device=self.device)
+        input_ids[:, 0] = class_ids
+        input_ids[:, 1] = self.model.merge_base + valid.sum(1)
+        input_ids[:, 2::2] = self.model.position_base + positions
+        input_ids[:, 3::2] = codes[:, :-1]
+        grid_positions = torch.cat([torch.zeros_like(positions[:, :2]), positions.repeat_interleave(2, dim=1)], 1)
+        return input_ids, grid_positions[:, :-1]
+
+    # ---- heads and losses --------------------------------------------------------------------------------------
+
+    def logits(self, hidden_states):
+        """``[..., d]`` final states -> ``[..., V]`` code logits (joint log-probabilities with the factorised head)."""
+        if isinstance(self.lm_head, MergeARFactorizedHead):
+            return self.lm_head.joint_log_probs(hidden_states)
+        return self.lm_head(hidden_states)
+
+    def _code_loss(self, hidden_states, codes):
+        smoothing = self.config.label_smoothing
+        if isinstance(self.lm_head, nn.Linear):
+            logits = self.lm_head(hidden_states)
+            return F.cross_entropy(logits.float(), codes, label_smoothing=smoothing), {"logits": logits}
+        low, high = split_indices(codes, self.lm_head.low_bits)
+        low_logits, high_logits = self.lm_head(hidden_states, low)
+        loss = F.cross_entropy(low_logits.float(), low, label_smoothing=smoothing)
+        loss = loss + F.cross_entropy(high_logits.float(), high, label_smoothing=smoothing)
+        return loss, {"low_logits": low_logits, "high_logits": high_logits}
+
+    def _position_loss(self, position_logits, token_positions):
+        """Cross-entropy against the uniform distribution over the positions not generated yet.
+
+        Step n (predicting ``p_n``) has used ``p_1..p_{n-1}`` and may pick any of ``p_n..p_K`` with equal
+        probability under a random order; used positions are masked out as at generation.
+        """
+        valid = token_positions != IGNORE_INDEX
+        one_hot = F.one_hot(token_positions.clamp(min=0), self.config.num_image_tokens) * valid[..., None]
+        remaining = one_hot.flip(1).cumsum(1).flip(1)  # positions p_n..p_K at step n
+        used = (one_hot.cumsum(1) - one_hot).bool()  # positions p_1..p_{n-1}
+        # A large finite value, not -inf: the target is 0 there, and 0 * -inf would be NaN.
+        log_probs = position_logits.float().masked_fill(used, -1e9).log_softmax(-1)
+        target = remaining / remaining.sum(-1, keepdim=True).clamp(min=1)
+        return -(target * log_probs).sum(-1)[valid].mean()
+
+    # ---- forward -----------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        grid_positions: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        class_labels: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        token_positions: torch.LongTensor | None = None,
+        logits_to_keep: int = 0,
+        past_key_values: Cache | None = None,
+    ) -> MergeRandAROutput:
+        r"""
+        Two entries:
+
+        * training / scoring: ``class_labels`` ``[B]``, ``labels`` ``[B, K_max]`` codes and ``token_positions``
+          ``[B, K_max]`` their grid positions, both in generation order (padded with -100). Returns ``loss``,
+          ``code_loss``, ``position_loss`` and the logits (see :class:`MergeRandAROutput`).
+        * step-wise: ``input_ids`` and ``grid_positions`` ``[B, q]`` (see :meth:`build_sequence`) with an optional
+          cache; returns code ``logits`` and ``position_logits`` for the last ``logits_to_keep`` tokens (0 = all).
+        """
+        cache = cache if cache is not None else past_key_values
+        if labels is not None or token_positions is not None:
+            if input_ids is not None or grid_positions is not None:
+                raise ValueError("Pass either class_labels + labels + token_positions, or input_ids + grid_positions.")
+            if class_labels is None or labels is None or token_positions is None:
+                raise ValueError("The training entry needs class_labels, labels and token_positions together.")
+            input_ids, grid_positions = self.build_sequence(class_labels, labels, token_positions)
+            hidden_states = self.model(input_ids, grid_positions).last_hidden_state
+            valid = labels.to(self.device) != IGNORE_INDEX
+            code_loss, code_logits = self._code_loss(hidden_states[:, 2::2][valid], labels.to(self.device)[valid])
+            # p_1 is read at M(K) (index 1), p_{n+1} at P(p_n) (index 2n).
+            slots = torch.cat([hidden_states[:, 1:2], hidden_states[:, 2:-1:2]], dim=1)
+            position_logits = self.position_head(slots)
+            position_loss = self._position_loss(position_logits, token_positions.to(self.device))
+            loss = code_loss + self.config.position_loss_weight * position_loss
+            return MergeRandAROutput(
+                loss=loss, code_loss=code_loss, position_loss=position_loss, position_logits=position_logits,
+                **code_logits,
+            )
+        if class_labels is not None:
+            raise ValueError("class_labels needs labels and token_positions (generation goes through generate()).")
+        if input_ids is None or grid_positions is None:
+            raise ValueError("Pass input_ids and grid_positions, or class_labels + labels + token_positions.")
+        hidden_states = self.model(input_ids, grid_positions, cache=cache).last_hidden_state[:, -logits_to_keep:]
+        return MergeRandAROutput(
+            logits=self.logits(hidden_states), position_logits=self.position_head(hidden_states), cache=cache
+        )
+
+    # ---- generation --------------------------------------------------------------------------------------------
+
+    def _generation_order(self, positions, batch: int, num_tokens):
+        positions = torch.as_tensor(positions, device=self.device)
+        if positions.is_floating_point() or positions.dtype == torch.bool:
+            raise ValueError(f"positions must be integer grid positions, got dtype {positions.dtype}.")
+        if positions.dim() == 1:
+            positions = positions.expand(batch, -1)
+        if positions.dim() != 2 or positions.shape[0] != batch or positions.shape[1] == 0:
+            raise ValueError(f"positions must be [K] or [batch={batch}, K], got {tuple(positions.shape)}.")
+        if num_tokens is not None and num_tokens != positions.shape[1]:
+            raise ValueError(f"num_tokens={num_tokens} disagrees with the {positions.shape[1]} given positions.")
+        if (positions == IGNORE_INDEX).any():
+            raise ValueError("positions must not contain -100: every row generates the same K tokens.")
+        self._check_positions(positions, "positions")
+        return positions.long()
+
+    @staticmethod
+    def _check_sampling(cfg_scale, cfg_schedule, temperature, top_k, top_p):
+        if cfg_scale is not None and not (isinstance(cfg_scale, (int, float)) and cfg_scale >= 0):
+            raise ValueError(f"cfg_scale must be None or a number >= 0 (1 = no guidance), got {cfg_scale!r}.")
+        if cfg_schedule not in ("constant", "linear"):
+            raise ValueError(f"cfg_schedule must be 'constant' or 'linear', got {cfg_schedule!r}.")
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ValueError(f"temperature must be a number > 0, got {temperature!r}.")
+        if top_k is not None and not (isinstance(top_k, int) and top_k >= 0):
+            raise ValueError(f"top_k must be None or an integer >= 0 (0 = off), got {top_k!r}.")
+        if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise ValueError(f"top_p must be None or a number in (0, 1] (1 = off), got {top_p!r}.")
+
+    @torch.no_grad()
+    def generate(
+        self,
+        class_labels,
+        num_tokens: int | None = None,
+        positions=None,
+        cfg_scale: float | None = None,
+        cfg_schedule: str = "constant",
+        do_sample: bool = True,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        output_scores: bool = False,
+        callback: Callable[[int], None] | None = None,
+    ) -> MergeRandARGenerationOutput:
+        r"""
+        Generate K merged tokens per class label, one (position, code) pair per step, with a ``DynamicCache``.
+
+        Args:
+            class_labels: ``[B]`` class ids (``num_classes`` = null class).
+            num_tokens: K (an int, the same for the batch; default ``config.default_num_tokens``, or the length of
+                ``positions``).
+            positions: the generation order, ``[K]`` or ``[B, K]`` distinct grid positions; ``None`` samples each
+                next position from the position head among the unused ones (argmax with ``do_sample=False``).
+            cfg_scale: classifier-free guidance ``u + s (c - u)`` on the code logits, as one batched forward of
+                ``[cond; uncond]`` rows; ``None`` or 1 = off. Positions are read from the conditional rows.
+            cfg_schedule: ``"constant"`` or ``"linear"`` (RandAR): the scale rises from 1 at the first token to
+                ``cfg_scale`` at the last.
+            do_sample, temperature, top_k, top_p: sampling of the codes (after guidance); greedy when
+                ``do_sample=False``.
+            generator: a ``torch.Generator`` for every random draw (positions and codes).
+            output_scores: also return the per-step code logits.
+            callback: called with the step index after every step (e.g. a progress bar).
+        """
+        self._check_sampling(cfg_scale, cfg_schedule, temperature, top_k, top_p)
+        class_ids = self._class_ids(class_labels)
+        batch, length = class_ids.numel(), self.config.num_image_tokens
+        order = None if positions is None else self._generation_order(positions, batch, num_tokens)
+        if order is not None:
+            num_tokens = order.shape[1]
+        num_tokens = self.config.default_num_tokens if num_tokens is None else num_tokens
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or not 1 <= num_tokens <= length:
+            raise ValueError(f"num_tokens (K) must be an integer in [1, L = {length}], got {num_tokens!r}.")
+
+        guided = cfg_scale is not None and cfg_scale != 1.0
+        rows = torch.arange(batch, device=self.device)
+        prompt = torch.stack([class_ids, torch.full_like(class_ids, self.model.merge_base + num_tokens)], 1)
+        if guided:
+            null = torch.full_like(class_ids, self.config.codebook_size + self.config.num_classes)
+            prompt = torch.cat([prompt, torch.stack([null, prompt[:, 1]], 1)])
+        warpers = [TopKLogitsWarper(top_k)] if top_k else []
+        warpers += [TopPLogitsWarper(top_p)] if top_p is not None and top_p < 1 else []
+
+        cache = DynamicCache()
+        hidden = self.model(prompt, torch.zeros_like(prompt), cache=cache).last_hidden_state[:, -1]
+        used = torch.zeros(batch, length, dtype=torch.bool, device=self.device)
+        chosen, codes, scores = [], [], []
+        for step in range(num_tokens):
+            if order is not None:
+                position = order[:, step]
+            else:
+                position_logits = self.position_head(hidden[:batch]).float().masked_fill(used, float("-inf"))
+                position = _sample(position_logits.softmax(-1), generator) if do_sample else position_logits.argmax(-1)
+            used[rows, position] = True
+            # One forward per step: the previous code (if any) and the next position instruction.
+            step_ids = self.model.position_base + position[:, None]
+            step_grid = position[:, None]
+            if codes:
+                step_ids = torch.cat([codes[-1][:, None], step_ids], 1)
+                step_grid = torch.cat([chosen[-1][:, None], step_grid], 1)
+            if guided:
+                step_ids, step_grid = step_ids.repeat(2, 1), step_grid.repeat(2, 1)
+            hidden = self.model(step_ids, step_grid, cache=cache).last_hidden_state[:, -1]
+            logits = self.logits(hidden).float()
+            if guided:
+                scale = cfg_scale
+                if cfg_schedule == "linear":
+                    scale = 1 + (cfg_scale - 1) * (step / (num_tokens - 1) if num_tokens > 1 else 1.0)
+                logits = logits[batch:] + scale * (logits[:batch] - logits[batch:])
+            if output_scores:
+                scores.append(logits)
+            if do_sample:
+                logits = logits / temperature
+                for warper in warpers:
+                    logits = warper(None, logits)
+                code = _sample(logits.softmax(-1), generator)
+            else:
+                code = logits.argmax(-1)
+            chosen.append(position)
+            codes.append(code)
+            if callback is not None:
+                callback(step)
+
+        generation_order, codes = torch.stack(chosen, 1), torch.stack(codes, 1)
+        sorted_positions, permutation = generation_order.sort(dim=1)
+        return MergeRandARGenerationOutput(
+            image_tokens=codes.gather(1, permutation),
+            positions=sorted_positions,
+            generation_order=generation_order,
+            generated_tokens=codes,
+            scores=torch.stack(scores, 1) if output_scores else None,
+        )
+
+
+MergeRandARConfig.register_for_auto_class()
+MergeRandARForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+
+def register_randar_auto_classes() -> None:
+    """Register MergeRandAR with AutoConfig / AutoModel / AutoModelForCausalLM (idempotent)."""
+    AutoConfig.register("mergevq_randar", MergeRandARConfig, exist_ok=True)
+    AutoModel.register(MergeRandARConfig, MergeRandARModel, exist_ok=True)
+    AutoModelForCausalLM.register(MergeRandARConfig, MergeRandARForCausalLM, exist_ok=True)
+
+
+__all__ = [
+    "MergeRandARConfig",
+    "MergeRandARForCausalLM",
+    "MergeRandARGenerationOutput",
+    "MergeRandARModel",
+    "MergeRandAROutput",
+    "MergeRandARPreTrainedModel",
+    "register_randar_auto_classes",
+]
