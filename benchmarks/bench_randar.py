@@ -34,7 +34,8 @@ def speed(args):
     sizes = dict(
         hidden_size=args.hidden_size, num_hidden_layers=args.layers, num_attention_heads=args.heads,
         intermediate_size=int(args.hidden_size * 2.75), num_factorized_layers=1, num_classes=10,
-        codebook_bits=args.codebook_bits, factorized_bits=[args.codebook_bits // 2, args.codebook_bits - args.codebook_bits // 2],
+        codebook_bits=args.codebook_bits,
+        factorized_bits=[args.codebook_bits // 2, args.codebook_bits - args.codebook_bits // 2],
     )
     print(f"CPU: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
           f"hidden {args.hidden_size}, {args.layers} layers, {args.codebook_bits}-bit codes, CFG {args.cfg}\n")
@@ -51,7 +52,8 @@ def speed(args):
             raster.generate(class_labels=labels, num_tokens=num_tokens, cfg_scale=args.cfg, do_sample=True, top_k=0)
 
         def run_random():
-            random_order.generate(labels, num_tokens=num_tokens, cfg_scale=args.cfg, generator=torch.Generator(args.device))
+            generator = torch.Generator(args.device)
+            random_order.generate(labels, num_tokens=num_tokens, cfg_scale=args.cfg, generator=generator)
 
         elapsed = {"raster": 0.0, "random": 0.0}
         with torch.inference_mode():

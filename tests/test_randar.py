@@ -171,7 +171,9 @@ def test_cached_generation_equals_no_cache_recomputation(model, given_order):
 @pytest.mark.parametrize("schedule", ["constant", "linear"])
 def test_batched_cfg_equals_two_forward_reference(model, schedule):
     labels, scale = [1, 4], 3.0
-    out = model.generate(labels, num_tokens=K, cfg_scale=scale, cfg_schedule=schedule, do_sample=False, output_scores=True)
+    out = model.generate(
+        labels, num_tokens=K, cfg_scale=scale, cfg_schedule=schedule, do_sample=False, output_scores=True
+    )
     with torch.no_grad():
         cond, _ = codes_at_slots(model, labels, out.generated_tokens, out.generation_order)
         uncond, _ = codes_at_slots(model, [NUM_CLASSES] * 2, out.generated_tokens, out.generation_order)

@@ -222,7 +222,7 @@ class MergeRandARForCausalLM(MergeRandARPreTrainedModel):
             raise ValueError(f"{name} must not repeat a position within a row (each merged token has its own).")
 
     def build_sequence(self, class_labels, labels, token_positions):
-        """Teacher-forced ``(input_ids, grid_positions)`` ``[B, 2 K_max + 1]``: ``[cls, M(K), P(p_1), y_1, ..., P(p_K)]``.
+        """Teacher-forced ``(input_ids, grid_positions)``, [B, 2 K_max + 1]: ``[cls, M(K), P(p_1), y_1, .., P(p_K)]``.
 
         ``labels`` / ``token_positions``: ``[B, K_max]`` codes and their grid positions in generation order, padded
         at the end with ``-100`` when rows have different K. Padded steps get dummy ids after all real tokens, which
