@@ -1,7 +1,7 @@
 """Evaluate a trained tokenizer + MergeAR on Fashion-MNIST and package them as the model bundled with mergevq_hf.
 
     python scripts/bundle_default_model.py --tokenizer outputs/bundle/tokenizer --transformer outputs/bundle/mergear \
-        --train-commands outputs/bundle/train_tok.sh outputs/bundle/train_ar.sh
+        --train-commands scripts/train_bundled_tokenizer.sh scripts/train_bundled_mergear.sh
 
 Writes `src/mergevq_hf/pretrained/mergevq-fashion-mnist-tiny/` (the pipeline, `metrics.json`, a model card).
 """
