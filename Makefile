@@ -38,6 +38,8 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_tokenizer.py
 	$(BIN)/python benchmarks/bench_mergear.py
+	$(BIN)/python benchmarks/bench_lfq_entropy.py
+	$(BIN)/python benchmarks/bench_randar.py speed
 
 clean:
 	rm -rf $(VENV) outputs
