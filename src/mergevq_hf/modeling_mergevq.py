@@ -456,8 +456,8 @@ class MergeVQModel(MergeVQPreTrainedModel):
 
     # ---- public API ----
 
-    def _encode(self, pixel_values, num_tokens, name="pixel_values"):
-        grid_h, grid_w = self._check_pixel_values(pixel_values, name)
+    def _encode(self, pixel_values, num_tokens):
+        grid_h, grid_w = self._check_pixel_values(pixel_values)
         num_patches = grid_h * grid_w
         num_tokens = self.config.num_tokens if num_tokens is None else num_tokens
         num_tokens = self._check_num_tokens(num_tokens, num_patches)
@@ -541,8 +541,8 @@ class MergeVQModel(MergeVQPreTrainedModel):
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         config = self.config
-        grid_h, grid_w = self._check_pixel_values(pixel_values)
-        latents, cls, source_map, _ = self._encode(pixel_values, num_tokens)
+        latents, cls, source_map, _ = self._encode(pixel_values, num_tokens)  # validates pixel_values
+        grid_h, grid_w = (side // config.stem_stride for side in pixel_values.shape[-2:])
         quantized = self.quantize(latents)
         reconstruction = self.decode_codes(quantized.codes, source_map, (grid_h, grid_w))
         reconstruction_loss = F.l1_loss(reconstruction.float(), pixel_values.float())
