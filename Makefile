@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export GRADIO_ANALYTICS_ENABLED ?= False
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench reproduce clean
 
 $(VENV)/.installed: pyproject.toml
 	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { \
@@ -40,6 +40,12 @@ bench: setup
 	$(BIN)/python benchmarks/bench_mergear.py
 	$(BIN)/python benchmarks/bench_lfq_entropy.py
 	$(BIN)/python benchmarks/bench_randar.py speed
+
+# The reproduction table of benchmarks/RESULTS.md: trains 7 small models (about 1.5 h on 2 CPU cores; rerun with
+# RESUME=1 after an interruption), then scores them and rewrites the table.
+reproduce: setup
+	scripts/train_reproduction.sh mergevq-k64 mergevq-k36 mergevq-k16 mergevq-k9 grid-vq-4 grid-vq-8 raster-ar
+	$(BIN)/python benchmarks/reproduce_paper.py --write benchmarks/RESULTS.md
 
 clean:
 	rm -rf $(VENV) outputs
