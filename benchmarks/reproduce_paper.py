@@ -162,6 +162,9 @@ def generation_table(models: Path, reference_images, num_samples: int, speed_bat
     ]
     entry_bytes = 2 * config.num_hidden_layers * config.hidden_size * 4  # K and V of every layer, float32
     labels = torch.arange(num_samples) % config.num_classes
+    with torch.no_grad():  # what the merge instruction asks for: the test images' own codes at K
+        real_codes = vq_model.encode(reference_images, num_tokens=config.default_num_tokens).indices
+    real_distinct = sum(len(row.unique()) for row in real_codes) / len(real_codes)
     lines = [
         "### 3. MergeAR vs raster AR\n",
         f"Bundled tokenizer and MergeAR (K = {config.default_num_tokens} merge instruction, L = {config.num_image_tokens} "
@@ -169,7 +172,8 @@ def generation_table(models: Path, reference_images, num_samples: int, speed_bat
         f"but repeat_window = L, so training hides nothing. {num_samples} samples per row (same seeds in every row) vs "
         f"{len(reference_images)} test images. Speed: {speed_batches} batches of {batch_size}, the three rows taking turns. "
         "K/V: mean entries a sequence holds at the end (with CFG each image has two sequences); "
-        "distinct codes: mean number of different codes among an image's L generated tokens (a K-token image has at most K).\n",
+        "distinct codes: mean number of different codes among an image's L generated tokens "
+        f"(a K-token image has at most K; the test images tokenised at K = {config.default_num_tokens} have {real_distinct:.1f}).\n",
         "| CFG | generator, cache | FD-LeNet ↓ | class accuracy ↑ | FD-MobileNetV2 ↓ | distinct codes per image | decode tokens/s | K/V entries per sequence | K/V KiB per image |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
