@@ -15,8 +15,8 @@ Scores trained models and prints three markdown tables; ``--write FILE`` replace
    FD and class accuracy of samples (same seeds), decode tokens/s (the rows take turns per batch, so machine load
    hits them alike) and K/V entries per sequence.
 
-Every tokenizer is trained by ``scripts/train_reproduction.sh`` with the budget and recipe of the bundled one
-(1,200 steps x 32 images, seed 0):
+Every model is trained by ``scripts/train_reproduction.sh`` with the budget and recipe of its bundled counterpart
+(tokenizers: 1,200 steps x 32 images; raster AR: 1,200 steps x 64; seed 0):
 
     scripts/train_reproduction.sh mergevq-k64 mergevq-k36 mergevq-k16 mergevq-k9 grid-vq-4 grid-vq-8 raster-ar
     SEED=1 scripts/train_reproduction.sh mergevq-k64 mergevq-k36 mergevq-k16 mergevq-k9   # optional: seed spread
@@ -47,7 +47,7 @@ from train_grid_vq import GridVQTokenizer
 
 FEATURES = ("lenet-fashion", "mobilenet_v2")
 ABLATION_K = (64, 36, 16, 9)
-# Paper Table 4, G+R (L = 256), at the same K/L as our K over L = 64: rFID, linear probe top-1 (ImageNet, %).
+# Paper Table 4, G+R (L = 256), at the same K/L as our K over L = 64: (paper K, rFID, linear probe top-1 % on ImageNet).
 PAPER_TABLE4 = {64: (256, 2.15, 48.6), 36: (144, 3.07, 51.0), 16: (64, 6.51, 51.8), 9: (36, 8.94, 52.1)}
 MARKERS = "<!-- reproduction:{part}:begin -->", "<!-- reproduction:{part}:end -->"
 
