@@ -41,7 +41,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_lfq_entropy.py
 	$(BIN)/python benchmarks/bench_randar.py speed
 
-# The reproduction table of benchmarks/RESULTS.md: trains 7 small models (about 1.5 h on 2 CPU cores; rerun with
+# The reproduction table of benchmarks/RESULTS.md: trains 7 small models (about 2 h on 2 CPU cores; rerun with
 # RESUME=1 after an interruption), then scores them and rewrites the table.
 reproduce: setup
 	scripts/train_reproduction.sh mergevq-k64 mergevq-k36 mergevq-k16 mergevq-k9 grid-vq-4 grid-vq-8 raster-ar

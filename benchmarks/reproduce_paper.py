@@ -76,9 +76,8 @@ def encoder_mflops(model, num_tokens: int | None) -> float:
 
 def score_tokenizer(model, num_tokens, images, probe_data) -> dict:
     row = evaluate_reconstruction(model, images, num_tokens=[num_tokens], feature_networks=FEATURES)[0]
-    if probe_data is not None:
-        pooling = "mean" if isinstance(model, GridVQTokenizer) else "cls"
-        row.update(evaluate_representation(model, *probe_data, pooling=pooling))
+    pooling = "mean" if isinstance(model, GridVQTokenizer) else "cls"
+    row.update(evaluate_representation(model, *probe_data, pooling=pooling))
     row["encoder_mflops"] = encoder_mflops(model, num_tokens)
     row["params"] = reconstruction_parameters(model)
     return row
@@ -88,7 +87,10 @@ def tokenizer_tables(models: Path, test_images, probe_data) -> str:
     bundled = MergeVQModel.from_pretrained(os.path.join(bundled_model_path(), "vq_model")).eval()
     trained = {k: score_tokenizer(load_tokenizer(models, f"mergevq-k{k}"), k, test_images, probe_data) for k in ABLATION_K}
     grid = {s: score_tokenizer(load_tokenizer(models, f"grid-vq-{s}"), None, test_images, probe_data) for s in (4, 8)}
-    at_k = {k: score_tokenizer(bundled, k, test_images, None) for k in ABLATION_K}
+    # One pass for all K: the test images' own features are extracted once.
+    at_k = dict(zip(ABLATION_K, evaluate_reconstruction(bundled, test_images, num_tokens=ABLATION_K, feature_networks=FEATURES)))
+    for row in at_k.values():
+        row["params"] = reconstruction_parameters(bundled)
     # A second training seed where one was trained (`SEED=1 scripts/train_reproduction.sh ...`): run-to-run spread.
     seed1 = {k: score_tokenizer(load_tokenizer(models, f"mergevq-k{k}-seed1"), k, test_images, probe_data)
              for k in ABLATION_K if (models / f"mergevq-k{k}-seed1" / "config.json").is_file()}

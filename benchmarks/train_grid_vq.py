@@ -14,6 +14,7 @@ The export is a stock diffusers folder: ``VQModel.from_pretrained(output_dir)`` 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer = MergeVQTrainer(model=model, args=args, train_dataset=train)
     trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir))
     if trainer.is_world_process_zero():
-        with trainer.ema.average_parameters(model) if trainer.ema is not None else torch.no_grad():
+        with trainer.ema.average_parameters(model) if trainer.ema is not None else contextlib.nullcontext():
             model.vq_model.save_pretrained(args.output_dir)  # a stock diffusers VQModel folder
         trainer.save_state()
         logger.info("saved VQModel to %s", args.output_dir)
