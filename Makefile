@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export GRADIO_ANALYTICS_ENABLED ?= False
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: setup demo test bench reproduce clean
+.PHONY: setup demo test test-numerics bench reproduce clean
 
 $(VENV)/.installed: pyproject.toml
 	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { \
@@ -35,11 +35,17 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
+# The float-sensitive tests (marker `numerics`, less the `slow` ones: about 2 minutes) again on torch's portable CPU
+# kernels instead of the AVX2/AVX-512 ones: a test that passes both ways does not hang on one machine's rounding.
+test-numerics: setup
+	ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -q -m "numerics and not slow" tests
+
 bench: setup
 	$(BIN)/python benchmarks/bench_tokenizer.py
 	$(BIN)/python benchmarks/bench_mergear.py
 	$(BIN)/python benchmarks/bench_lfq_entropy.py
 	$(BIN)/python benchmarks/bench_randar.py speed
+	$(BIN)/python benchmarks/bench_fsdp_memory.py
 
 # The reproduction table of benchmarks/RESULTS.md: trains 7 small models (about 2 h on 2 CPU cores; rerun with
 # RESUME=1 after an interruption), then scores them and rewrites the table.

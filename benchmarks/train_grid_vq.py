@@ -25,6 +25,7 @@ from diffusers import VQModel
 from torch import nn
 from torch.nn import functional as F
 from transformers import HfArgumentParser, set_seed
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from mergevq_hf.training import ImageTransform, load_image_dataset
@@ -113,9 +114,13 @@ class GridVQTokenizer(nn.Module):
         return self.vq_model.decode(quantized, force_not_quantize=True).sample
 
     @torch.no_grad()
-    def get_image_features(self, pixel_values: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
-        """The pre-quantisation latents averaged over the grid (a grid VQ has no global token), ``[B, vq_embed_dim]``."""
-        return self.vq_model.encode(pixel_values).latents.mean(dim=(2, 3))
+    def get_image_features(self, pixel_values: torch.Tensor, pooling: str = "mean") -> BaseModelOutputWithPooling:
+        """``pooler_output``: the pre-quantisation latents averaged over the grid (a grid VQ has no global token),
+        ``[B, vq_embed_dim]``; ``last_hidden_state``: the latents as tokens ``[B, h * w, vq_embed_dim]``."""
+        latents = self.vq_model.encode(pixel_values).latents
+        return BaseModelOutputWithPooling(
+            last_hidden_state=latents.flatten(2).transpose(1, 2), pooler_output=latents.mean(dim=(2, 3))
+        )
 
 
 @dataclass

@@ -5,6 +5,7 @@ else the model bundled with `mergevq_hf`, else a tiny random model (announced on
 loaded: the package must be installed (see README.md). Named API endpoints: `/generate` and `/tokenize`.
 """
 
+import math
 import os
 
 # Set before gradio is imported: with analytics on, building a Blocks starts a version check against a remote host.
@@ -15,7 +16,6 @@ from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
-from PIL import ImageOps  # noqa: E402
 
 from mergevq_hf.defaults import load_default_pipeline  # noqa: E402
 from mergevq_hf.visualization import draw_merge_map, enlarge, load_image  # noqa: E402
@@ -34,11 +34,19 @@ EXAMPLES_DIR = Path(__file__).parent / "examples"
 
 def _int_in(value, low: int, high: int, name: str) -> int:
     """An integer in [low, high] from a UI or API value, or a gr.Error that says what is allowed."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+    # A JSON NaN or Infinity passes gradio's own range check of a number input (every comparison with NaN is false).
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value != int(value):
         raise gr.Error(f"{name} must be a whole number between {low} and {high}, got {value!r}.")
     if not low <= int(value) <= high:
         raise gr.Error(f"{name} must be between {low} and {high}, got {int(value)}.")
     return int(value)
+
+
+def _finite(value, name: str) -> float:
+    """A finite number from a UI or API value (its range is checked by the pipeline), or a gr.Error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise gr.Error(f"{name} must be a finite number, got {value!r}.")
+    return float(value)
 
 
 def _upload_path(payload) -> tuple[str, str]:
@@ -61,16 +69,17 @@ def build_demo(pipe, notice: str | None = None) -> gr.Blocks:
     vq_config, ar_config = pipe.vq_model.config, pipe.transformer.config
     num_patches, size = vq_config.num_patches, vq_config.image_size
 
-    def generate(class_id, num_images, num_tokens, guidance, temperature, top_k, top_p, seed):
+    def generate(class_id, num_images, num_tokens, guidance, temperature, top_k, top_p, seed, token_budget):
         num_images = _int_in(num_images, 1, MAX_IMAGES_PER_REQUEST, "Number of images")
         num_tokens = _int_in(num_tokens, 1, num_patches, "Token budget K")
         seed = _int_in(seed, 0, MAX_SEED, "Seed")
         try:
             images = pipe(
                 class_labels=[_int_in(class_id, 0, ar_config.num_classes - 1, "Class")],
-                num_images_per_class=num_images, num_tokens=num_tokens, guidance_scale=float(guidance),
-                temperature=float(temperature), top_k=_int_in(top_k, 0, 2**vq_config.codebook_bits, "Top-k"),
-                top_p=float(top_p), generator=torch.Generator().manual_seed(seed),
+                num_images_per_class=num_images, num_tokens=num_tokens, guidance_scale=_finite(guidance, "Guidance scale"),
+                temperature=_finite(temperature, "Temperature"), top_k=_int_in(top_k, 0, 2**vq_config.codebook_bits, "Top-k"),
+                top_p=_finite(top_p, "Top-p"), generator=torch.Generator().manual_seed(seed),
+                token_budget=bool(token_budget),
             ).images
         except ValueError as error:  # the pipeline's own checks read well; show them instead of a generic error
             raise gr.Error(str(error)) from None
@@ -85,9 +94,17 @@ def build_demo(pipe, notice: str | None = None) -> gr.Blocks:
             image, mode = load_image(path, MAX_UPLOAD_PIXELS)
         except (ValueError, OSError) as error:
             raise gr.Error(str(error).replace(path, name)) from None
-        output = pipe.reconstruct([image], num_tokens=num_tokens)
-        # The merge map is drawn over the square crop the tokenizer saw (short side resized, centre cropped).
-        merge_map = draw_merge_map(ImageOps.fit(image, (size, size)), output.source_maps[0], vq_config.grid_size, display_size=DISPLAY_SIZE)
+        try:
+            pipe.image_processor.check_size(image.height, image.width)  # e.g. a 1 x 300,000 strip: refused, not resized
+        except ValueError as error:
+            raise gr.Error(f"{name}: {error}") from None
+        try:
+            output = pipe.reconstruct([image], num_tokens=num_tokens)
+            # The merge map is drawn over the square the tokenizer saw (the image processor's output).
+            seen = pipe.image_processor.postprocess(pipe.image_processor(image).pixel_values)[0]
+        except ValueError as error:  # e.g. a PIL mode that has no RGB conversion
+            raise gr.Error(f"{name}: {error}") from None
+        merge_map = draw_merge_map(seen, output.source_maps[0], vq_config.grid_size, display_size=DISPLAY_SIZE)
         bits = num_tokens * vq_config.codebook_bits
         notes = [
             f"**K = {num_tokens} tokens** for the {vq_config.grid_size}x{vq_config.grid_size} grid of L = {num_patches} "
@@ -117,9 +134,10 @@ def build_demo(pipe, notice: str | None = None) -> gr.Blocks:
                     gen_tokens = gr.Slider(1, num_patches, value=ar_config.default_num_tokens, step=1, label="Token budget K", info=f"distinct merged tokens per image, out of L = {num_patches}")
                     guidance = gr.Slider(1.0, 10.0, value=2.0, step=0.1, label="Guidance scale", info="1 = off")
                     temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature")
-                    top_k = gr.Slider(0, 2**vq_config.codebook_bits, value=0, step=1, label="Top-k", info="0 = off")
-                    top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", info="1 = off")
-                    seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+                    top_k = gr.Slider(0, 2**vq_config.codebook_bits, value=0, step=1, label="Top-k", info="per sub-token (low bits, then high bits) with a factorised head; 0 = off")
+                    top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", info="per sub-token with a factorised head; 1 = off")
+                    token_budget = gr.Checkbox(False, label="Hold the token budget", info="after K distinct codes, an image only repeats them")
+                    seed = gr.Number(0, step=1, minimum=0, maximum=MAX_SEED, label="Seed")  # no precision: its rounding fails on NaN
                     generate_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
                 gallery = gr.Gallery(label="Samples", columns=4, format="png", elem_id="generate-gallery")
         with gr.Tab("Tokenize"):
@@ -135,9 +153,11 @@ def build_demo(pipe, notice: str | None = None) -> gr.Blocks:
                     reconstruction = gr.Image(label="Reconstruction", format="png")
                     info = gr.Markdown()
 
+        # preprocess=False: gradio's own number checks fail with a blank error on null (what a browser sends for NaN);
+        # `generate` checks every value itself.
         generate_button.click(
-            generate, [class_id, num_images, gen_tokens, guidance, temperature, top_k, top_p, seed], gallery,
-            api_name="generate", concurrency_limit=CONCURRENCY_LIMIT,
+            generate, [class_id, num_images, gen_tokens, guidance, temperature, top_k, top_p, seed, token_budget], gallery,
+            api_name="generate", concurrency_limit=CONCURRENCY_LIMIT, preprocess=False,
         )
         # preprocess=False: the upload reaches `tokenize` undecoded, so a bad file gets our message, not gradio's.
         tokenize_button.click(

@@ -31,7 +31,7 @@ def test_grid_vq_codes_round_trip_through_the_forward(grid_vq):
     # decoding the codes alone gives the forward's reconstruction, and its loss is L1 + commitment
     torch.testing.assert_close(grid_vq.decode(encoded.indices), out.reconstruction, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.loss, (out.reconstruction - images).abs().mean() + out.commitment_loss)
-    assert grid_vq.get_image_features(images).shape == (3, 8)
+    assert grid_vq.get_image_features(images).pooler_output.shape == (3, 8)
 
 
 def test_grid_vq_rejects_a_token_count_it_cannot_give(grid_vq):

@@ -9,7 +9,7 @@ from mergevq_hf.configuration_mergear import MergeARConfig
 from mergevq_hf.modeling_mergear import MergeARForCausalLM
 
 NO_DROPOUT = {"token_dropout": 0.0, "resid_dropout": 0.0, "ffn_dropout": 0.0, "class_dropout_prob": 0.0}
-SMALL = {"grid_size": 6}  # L = 36 tokens: step-by-step tests stay fast on 2 cores
+SMALL = {"grid_size": 6, "codebook_bits": 6, "factorized_bits": [3, 3]}  # L = 36 tokens: step-by-step tests stay fast on 2 cores
 
 
 def tiny_model(seed=0, **overrides):

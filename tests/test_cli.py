@@ -1,7 +1,10 @@
 """The `mergevq` command. Two checks run the installed console script in a subprocess (each start imports the
-package, ~5 s); the rest call `main([...])` in-process, which is the same code path without the start-up cost."""
+package, ~5 s), one builds and installs a wheel and trains from it; the rest call `main([...])` in-process, which is
+the same code path without the start-up cost."""
 
-import importlib.util
+import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -143,42 +146,185 @@ def test_argument_type_errors_exit_2(capsys):
     assert "must be a positive integer" in capsys.readouterr().err
 
 
-def test_forwarded_commands_get_the_remaining_arguments(tmp_path, monkeypatch):
-    """train-* run the example scripts with their own options; eval and convert call the module's main(argv)."""
-    record = tmp_path / "argv.txt"
-    (tmp_path / "train_tokenizer.py").write_text(f"def main(argv):\n    open({str(record)!r}, 'w').write(' '.join(argv))\n")
-    monkeypatch.setattr(cli, "EXAMPLES_DIR", tmp_path)
-    assert cli.main(["train-tokenizer", "--max_steps", "3", "--help"]) == 0
-    assert record.read_text() == "--max_steps 3 --help"
-
+def test_forwarded_commands_get_the_remaining_arguments(monkeypatch):
+    """Each forwarded command calls its package module's main(argv) with the rest of the command line."""
     calls = []
-    fake = type(sys)("fake_convert")
-    fake.main = lambda argv: calls.append(argv)
-    monkeypatch.setitem(sys.modules, "mergevq_hf.convert", fake)
+    for command, (_, module) in cli.FORWARDED.items():
+        fake = type(sys)(module)
+        # The training mains return their Trainer: anything but an int means success.
+        fake.main = lambda argv, command=command: calls.append((command, argv)) or object()
+        monkeypatch.setitem(sys.modules, module, fake)
+    assert cli.main(["train-tokenizer", "--max_steps", "3", "--help"]) == 0
+    assert cli.main(["train-ar", "--tokenizer", "tok"]) == 0
     assert cli.main(["convert", "--input", "x.ckpt"]) == 0
-    assert calls == [["--input", "x.ckpt"]]
+    assert calls == [("train-tokenizer", ["--max_steps", "3", "--help"]), ("train-ar", ["--tokenizer", "tok"]),
+                     ("convert", ["--input", "x.ckpt"])]
 
 
-def test_training_command_outside_a_checkout_is_one_line_error(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "EXAMPLES_DIR", tmp_path / "absent")
-    assert cli.main(["train-ar"]) == 2
-    assert "train_mergear.py is not installed with the package" in capsys.readouterr().err
+def test_forwarded_command_exit_status_is_passed_on(monkeypatch):
+    fake = type(sys)("mergevq_hf.evaluation")
+    fake.main = lambda argv: 3
+    monkeypatch.setitem(sys.modules, "mergevq_hf.evaluation", fake)
+    assert cli.main(["eval"]) == 3
 
 
-def _backing_exists(command: str) -> bool:
-    if command.startswith("train"):
-        return (cli.EXAMPLES_DIR / {"train-tokenizer": "train_tokenizer.py", "train-ar": "train_mergear.py"}[command]).is_file()
-    module = {"eval": "mergevq_hf.evaluation", "convert": "mergevq_hf.convert"}[command]
-    if importlib.util.find_spec(module) is None:
-        return False
-    return hasattr(importlib.import_module(module), "main")
+def test_training_modules_are_the_package_entry_points(load_script):
+    """`mergevq train-*` run package modules (which a wheel installs), never files of a source checkout; the
+    examples/ scripts of a checkout are the same entry points."""
+    from mergevq_hf.training import train_mergear, train_tokenizer
+
+    assert cli.FORWARDED["train-tokenizer"][1] == train_tokenizer.__name__
+    assert cli.FORWARDED["train-ar"][1] == train_mergear.__name__
+    assert not hasattr(cli, "EXAMPLES_DIR")
+    assert load_script("examples/train_tokenizer.py").main is train_tokenizer.main
+    assert load_script("examples/train_mergear.py").main is train_mergear.main
 
 
 @pytest.mark.parametrize("command", list(cli.FORWARDED))
 def test_forwarded_help(command, capsys):
-    if not _backing_exists(command):
-        pytest.skip(f"the module or script behind `mergevq {command}` is not in this checkout")
     with pytest.raises(SystemExit) as exit_info:
         cli.main([command, "--help"])
     assert exit_info.value.code == 0
     assert "usage" in capsys.readouterr().out.lower()
+
+
+# ---- outputs: never a partial file, never a device or the model folder replaced -------------------------------------
+
+
+def test_output_that_is_not_a_regular_file_is_refused(tmp_path, capsys):
+    if not Path("/dev/null").exists():
+        pytest.skip("no /dev/null on this system")
+    assert cli.main(["encode", str(EXAMPLES[0]), "-o", "/dev/null"]) == 2
+    assert "/dev/null exists and is not a regular file" in _last_line(capsys.readouterr().err)
+    assert Path("/dev/null").is_char_device()
+    assert cli.main(["generate", "-o", str(tmp_path)]) == 2  # an existing folder
+    assert "is not a regular file" in _last_line(capsys.readouterr().err)
+
+
+def _spent(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
+def test_full_disk_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
+    import errno
+
+    def write_half_then_fail(image, target, *args, **kwargs):
+        Path(target).write_bytes(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", write_half_then_fail)
+    assert cli.main(["generate", "-o", str(tmp_path / "grid.png")]) == 2
+    error = _last_line(capsys.readouterr().err)
+    assert error == f"mergevq: error: could not write {tmp_path / 'grid.png'}: No space left on device"
+    assert _spent(tmp_path) == []
+
+    existing = tmp_path / "old.png"
+    existing.write_bytes(b"previous grid")
+    assert cli.main(["generate", "-o", str(existing)]) == 2
+    assert existing.read_bytes() == b"previous grid" and _spent(tmp_path) == ["old.png"]  # left as it was
+
+
+def test_full_disk_while_encoding_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import safetensors.torch
+
+    def fail(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    assert cli.main(["encode", str(EXAMPLES[0]), "-o", str(tmp_path / "codes.safetensors")]) == 2
+    assert "No space left on device" in _last_line(capsys.readouterr().err) and _spent(tmp_path) == []
+
+
+def test_unwritable_output_is_one_line(tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    assert cli.main(["generate", "-o", str(tmp_path / "file.txt" / "grid.png")]) == 2
+    error = _last_line(capsys.readouterr().err)
+    assert error.startswith("mergevq: error: could not write") and "Traceback" not in error
+
+
+@pytest.mark.parametrize("device, message", [("gpu0", "'gpu0' is not a torch device"), ("banana:3", "is not a torch device")])
+def test_bad_device_is_one_line(device, message, capsys):
+    assert cli.main(["generate", "--device", device]) == 2
+    assert message in _last_line(capsys.readouterr().err)
+
+
+def test_unavailable_device_is_one_line(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert cli.main(["generate", "--device", "cuda:0"]) == 2
+    assert "--device cuda:0 is not available on this machine" in _last_line(capsys.readouterr().err)
+
+
+def test_export_refuses_the_model_folder_and_folders_around_it(tmp_path, capsys):
+    model = tmp_path / "models" / "tiny"
+    defaults.build_tiny_random_pipeline().save_pretrained(model)
+    before = {path.relative_to(model): path.read_bytes() for path in model.rglob("*") if path.is_file()}
+    for target in [model, model / "hub", tmp_path / "models"]:
+        assert cli.main(["export", str(target), "--model", str(model)]) == 2
+        assert "overlaps the model folder" in _last_line(capsys.readouterr().err)
+    after = {path.relative_to(model): path.read_bytes() for path in model.rglob("*") if path.is_file()}
+    assert after == before  # untouched
+    assert cli.main(["export", str(tmp_path / "hub"), "--model", str(model)]) == 0
+    assert (tmp_path / "hub" / "vq_model" / "preprocessor_config.json").is_file()
+
+
+def test_reconstruct_refuses_a_strip_before_resizing(tmp_path, capsys):
+    strip = tmp_path / "strip.png"
+    Image.new("L", (1, 300_000)).save(strip)
+    assert cli.main(["reconstruct", str(strip), "-o", str(tmp_path / "out")]) == 2
+    error = _last_line(capsys.readouterr().err)
+    assert error.startswith(f"mergevq: error: {strip}: a 1x300000 image") and "at most 8:1" in error
+
+
+# ---- from a wheel, outside the checkout -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_training_commands_work_from_an_installed_wheel(tmp_path, repo_root, tokenizer_argv):
+    """`mergevq train-*` need nothing of the source tree: build the wheel offline, install it into a --target folder
+    that shadows the editable install, and train a tiny tokenizer for 2 steps from a folder outside the checkout."""
+    pytest.importorskip("setuptools", reason="building the wheel without build isolation needs setuptools")
+    source = tmp_path / "source"  # a copy, so that the build's build/ and *.egg-info do not land in the checkout
+    shutil.copytree(repo_root / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo_root / name, source / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
+    build = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "--wheel-dir", str(tmp_path / "dist"), str(source)],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("mergevq_hf-*.whl")
+    site = tmp_path / "site"
+    install = subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
+                             capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr[-3000:]
+    assert (site / "mergevq_hf" / "training" / "train_tokenizer.py").is_file() and not (site / "examples").exists()
+
+    run_dir = tmp_path / "elsewhere"
+    run_dir.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    where = subprocess.run([sys.executable, "-c", "import mergevq_hf.training.train_tokenizer as m; print(m.__file__)"],
+                           cwd=run_dir, env=env, capture_output=True, text=True, timeout=120)
+    assert where.stdout.strip().startswith(str(site)), where.stderr[-2000:]
+    mergevq = str(site / "bin" / "mergevq")  # the console script the wheel declares
+    usage = subprocess.run([mergevq, "train-tokenizer", "--help"], cwd=run_dir, env=env, capture_output=True, text=True, timeout=120)
+    assert usage.returncode == 0 and "--preset" in usage.stdout, usage.stderr[-2000:]
+    argv = tokenizer_argv("run", 2, "--eval_samples", "0", "--save_steps", "100", "--logging_steps", "1")
+    train = subprocess.run([mergevq, "train-tokenizer", *argv], cwd=run_dir, env=env, capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert (run_dir / "run" / "model.safetensors").is_file() and (run_dir / "run" / "raw" / "model.safetensors").is_file()
+    assert json.loads((run_dir / "run" / "train_results.json").read_text())["epoch"] > 0
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path, capsys):
+    from mergevq_hf.visualization import MAX_IMAGE_PIXELS
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (MAX_IMAGE_PIXELS // 1024 + 1, 1024)).save(bomb)  # a few kB of PNG, too many pixels
+    assert cli.main(["encode", str(bomb), "-o", str(tmp_path / "codes.safetensors")]) == 2
+    assert "images of at most 16,777,216 pixels are accepted" in _last_line(capsys.readouterr().err)
+    assert not (tmp_path / "codes.safetensors").exists()

@@ -2,12 +2,12 @@
 distributed sampling, evaluate modules and the CLI. Fashion-MNIST tests skip when the Debian data is absent."""
 
 import importlib.util
+import inspect
 import json
 import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -283,11 +283,10 @@ def test_sample_and_gather_single_process_order_and_determinism():
 
 
 _TWO_PROCESS_SCRIPT = """
-import sys, torch
-sys.path.insert(0, {tests!r})
-from test_evaluation import _fake_sampler
+import torch
 from mergevq_hf.evaluation import sample_and_gather
 from accelerate import PartialState
+{sampler_source}
 out = sample_and_gather(_fake_sampler, torch.arange(5).repeat_interleave(5), batch_size=4, seed=3)
 if PartialState().is_main_process:
     torch.save(out, {path!r})
@@ -297,7 +296,7 @@ if PartialState().is_main_process:
 @pytest.mark.skipif(os.environ.get("MERGEVQ_MULTIPROCESS_TESTS") != "1", reason="set MERGEVQ_MULTIPROCESS_TESTS=1 (starts 2 gloo processes)")
 def test_sample_and_gather_two_processes_match_one(tmp_path):
     script, result = tmp_path / "run.py", tmp_path / "out.pt"
-    script.write_text(_TWO_PROCESS_SCRIPT.format(tests=str(Path(__file__).parent), path=str(result)))
+    script.write_text(_TWO_PROCESS_SCRIPT.format(sampler_source=inspect.getsource(_fake_sampler), path=str(result)))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
     subprocess.run(command, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     two = torch.load(result)

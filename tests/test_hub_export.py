@@ -19,14 +19,13 @@ import mergevq_hf
 from mergevq_hf import MergeVQPipeline, export_for_hub
 from mergevq_hf import pipeline_mergevq as pipeline_module
 from mergevq_hf.hub import _copy_code, sibling_closure
-from test_pipeline import tiny_pipeline
 
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipeline()
+def pipe(make_tiny_pipeline):
+    return make_tiny_pipeline()
 
 
 def seed_hub_cache(folder, cache, repo_id):
@@ -41,16 +40,23 @@ def sample(pipe):
     return pipe([1, 2], generator=torch.Generator().manual_seed(0), output_type="np").images
 
 
+def assert_same_floats(actual, expected):
+    """Loaded weights compute the same function, up to float rounding: memory-mapped safetensors are not 64-byte
+    aligned, so the CPU kernels may take another vector path and round differently (seen: 7e-7)."""
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
 # ---- hub ids, offline ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.numerics
 def test_hub_id_loads_offline_from_a_seeded_cache(tmp_path, pipe):
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     pipe.save_pretrained(tmp_path / "saved")
     seed_hub_cache(tmp_path / "saved", tmp_path / "cache", "org/mergevq-tiny")
     loaded = MergeVQPipeline.from_pretrained("org/mergevq-tiny", cache_dir=tmp_path / "cache")
     loaded.set_progress_bar_config(disable=True)
-    np.testing.assert_array_equal(sample(loaded), sample(pipe))
+    assert_same_floats(sample(loaded), sample(pipe))
 
 
 def test_absent_hub_id_fails_fast_and_clearly_offline(tmp_path):
@@ -95,6 +101,7 @@ FRESH_PROCESS = textwrap.dedent(
 )
 
 
+@pytest.mark.numerics
 def test_export_loads_in_a_fresh_process_without_the_package(tmp_path, pipe):
     folder = export_for_hub(pipe, tmp_path / "export", repo_id="org/mergevq-tiny")
     index = json.loads((folder / "model_index.json").read_text())
@@ -117,13 +124,13 @@ def test_export_loads_in_a_fresh_process_without_the_package(tmp_path, pipe):
     assert str(results["folder_class"]).startswith("diffusers_modules.")
     assert all(str(module).startswith("transformers_modules.") for module in results["modules"])
     expected = sample(pipe)
-    np.testing.assert_array_equal(results["folder"], expected)
-    np.testing.assert_array_equal(results["hub_id"], expected)
+    assert_same_floats(results["folder"], expected)
+    assert_same_floats(results["hub_id"], expected)
     with torch.no_grad():
         decoded = pipe.vq_model.decode(torch.arange(64).reshape(1, 64) * 7).numpy()
         logits = pipe.transformer(pipe.transformer.build_prompt([3], 16)).logits.numpy()
-    np.testing.assert_array_equal(results["decoded"], decoded)
-    np.testing.assert_array_equal(results["logits"], logits)
+    assert_same_floats(results["decoded"], decoded)
+    assert_same_floats(results["logits"], logits)
 
 
 def test_export_finds_sibling_imports_transitively():
@@ -133,7 +140,9 @@ def test_export_finds_sibling_imports_transitively():
     assert "modeling_mergear.py" not in names and "pipeline_mergevq.py" not in names
     ar_names = {path.name for path in sibling_closure(package / "modeling_mergear.py")}
     assert {"cache_mergear.py", "configuration_mergear.py", "quantization_lfq.py"} <= ar_names
-    assert [path.name for path in sibling_closure(package / "pipeline_mergevq.py")] == ["pipeline_mergevq.py"]
+    # diffusers copies a custom pipeline's direct sibling imports only: those must import no siblings themselves.
+    pipeline_names = [path.name for path in sibling_closure(package / "pipeline_mergevq.py")]
+    assert pipeline_names == ["image_processing_mergevq.py", "pipeline_mergevq.py"]
 
 
 def test_export_refuses_two_different_files_with_one_name(tmp_path):

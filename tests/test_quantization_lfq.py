@@ -88,6 +88,7 @@ def test_straight_through(dtype):
 # --- entropy -----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("bits", [1, 2, 3, 5, 8, 10])
 def test_entropy_matches_brute_force(bits):
     gen = torch.Generator().manual_seed(bits)
@@ -109,6 +110,72 @@ def test_entropy_matches_brute_force(bits):
                 (g32,) = torch.autograd.grad(a, z32, retain_graph=True)
                 (g64,) = torch.autograd.grad(b, z, retain_graph=True)
                 torch.testing.assert_close(g32.double(), g64, rtol=0, atol=1e-4 * g64.abs().max().item() + 1e-9)
+
+
+# One process of a 2-process gloo group. It loads quantization_lfq.py by its path (the module needs only torch), so
+# that a start costs a torch import rather than the whole package's.
+_TWO_PROCESS_WORKER = """
+import importlib.util, sys
+import torch
+import torch.distributed as dist
+
+path, rank, port, inputs, output = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+spec = importlib.util.spec_from_file_location("quantization_lfq", path)
+lfq = sys.modules["quantization_lfq"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lfq)
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+z = torch.load(inputs)[rank].requires_grad_()
+sample, batch = lfq.entropy_terms(z, 0.1, across_processes=True)
+batch.backward()
+quantizer = lfq.LookupFreeQuantizer(z.shape[-1], entropy_temperature=0.1)
+result = {"sample": sample.detach(), "batch": batch.detach(), "grad": z.grad,
+          "train": quantizer.train()(z.detach()).batch_entropy,
+          "eval": quantizer.eval()(z.detach()).batch_entropy}  # evaluation stays local: no collective
+torch.save(result, output)
+dist.destroy_process_group()
+"""
+
+
+def test_batch_entropy_is_all_reduced_across_processes(tmp_path):
+    """Two gloo processes with 5 and 8 tokens get the batch entropy of all 13, and gradients that data-parallel
+    averaging (divide by 2) turns into those of one process on the concatenated batch."""
+    import socket
+    import subprocess
+    import sys
+
+    import torch.distributed as dist
+
+    from mergevq_hf import quantization_lfq
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    z_full = torch.randn(13, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.05
+    split = [slice(0, 5), slice(5, 13)]
+    torch.save([z_full[rows] for rows in split], tmp_path / "z.pt")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ranks = [
+        subprocess.Popen([sys.executable, "-c", _TWO_PROCESS_WORKER, quantization_lfq.__file__, str(rank), str(port),
+                          str(tmp_path / "z.pt"), str(tmp_path / f"rank{rank}.pt")], stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]
+    for rank in ranks:
+        _, err = rank.communicate(timeout=120)
+        assert rank.returncode == 0, err[-3000:]
+
+    z = z_full.clone().requires_grad_()
+    _, batch = entropy_terms(z, 0.1, across_processes=True)  # no process group here: the plain computation
+    batch.backward()
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(result["batch"], batch.detach())
+        torch.testing.assert_close(result["train"], batch.detach())
+        torch.testing.assert_close(result["grad"] / 2, z.grad[split[rank]])
+        local_sample, local_batch = entropy_terms(z_full[split[rank]], 0.1)
+        torch.testing.assert_close(result["sample"], local_sample)  # the per-token term stays local
+        torch.testing.assert_close(result["eval"], local_batch)
+        assert not torch.allclose(local_batch, batch)  # the test can tell local from global
 
 
 def test_entropy_flattens_leading_dims():

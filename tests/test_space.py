@@ -36,7 +36,8 @@ def demo(app):
     return app.build_demo(pipe, notice=RANDOM_MODEL_NOTICE)
 
 
-GENERATE = dict(class_id=3, num_images=2, num_tokens=9, guidance=2.0, temperature=1.0, top_k=0, top_p=1.0, seed=5)
+GENERATE = dict(class_id=3, num_images=2, num_tokens=9, guidance=2.0, temperature=1.0, top_k=0, top_p=1.0, seed=5,
+                token_budget=False)
 
 
 def _generate(demo, **changes):
@@ -114,9 +115,16 @@ def test_bad_uploads_get_readable_messages(app, demo, tmp_path):
     assert "between 1 and 64" in _error_message(lambda: demo(str(EXAMPLE), 65, api_name="tokenize"))
 
 
+def test_generate_with_the_token_budget_held(demo):
+    assert len(_generate(demo, token_budget=True)) == 2
+
+
 def test_generate_limits(app, demo):
-    assert "maximum value 8" in _error_message(lambda: _generate(demo, num_images=app.MAX_IMAGES_PER_REQUEST + 1))
-    assert "not in the list of choices" in _error_message(lambda: _generate(demo, class_id=10))
+    assert "Number of images must be between 1 and 8, got 9" in _error_message(
+        lambda: _generate(demo, num_images=app.MAX_IMAGES_PER_REQUEST + 1)
+    )
+    assert "Class must be between 0 and 9, got 10" in _error_message(lambda: _generate(demo, class_id=10))
+    assert "Class must be a whole number" in _error_message(lambda: _generate(demo, class_id="3: Sandal"))
     assert "Token budget K" in _error_message(lambda: _generate(demo, num_tokens=2.5))
 
 
@@ -142,3 +150,39 @@ def test_launched_app_through_gradio_client(app, demo, tmp_path):
             client.predict(handle_file(str(text)), 9, api_name="/tokenize")
     finally:
         demo.close()
+
+
+@pytest.mark.parametrize(
+    "field, message",
+    [("seed", "Seed must be a whole number"), ("num_images", "Number of images must be a whole number"),
+     ("num_tokens", "Token budget K must be a whole number"), ("top_k", "Top-k must be a whole number"),
+     ("guidance", "Guidance scale must be a finite number"), ("temperature", "Temperature must be a finite number"),
+     ("top_p", "Top-p must be a finite number")],
+)
+def test_nan_gets_a_readable_message(demo, field, message):
+    # A JSON NaN passes gradio's range check of a number input (every comparison with NaN is false).
+    assert message in _error_message(lambda: _generate(demo, **{field: float("nan")}))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])  # a browser sends NaN as null
+def test_non_finite_values_never_reach_the_browser_as_a_blank_error(demo, bad):
+    for field in ["seed", "num_images", "guidance", "temperature", "top_p"]:
+        assert str(bad) in _error_message(lambda: _generate(demo, **{field: bad}))
+    assert "Token budget K" in _error_message(lambda: demo(str(EXAMPLE), float("nan"), api_name="tokenize"))
+
+
+def test_tokenize_refuses_a_thin_strip_before_resizing(demo, tmp_path):
+    strip = tmp_path / "strip.png"
+    Image.new("L", (300_000, 1)).save(strip)  # a few hundred bytes; resized naively it would need gigabytes
+    message = _error_message(lambda: demo(str(strip), 9, api_name="tokenize"))
+    assert message.startswith("strip.png: a 300000x1 image") and "at most 8:1" in message
+
+
+def test_tokenize_reads_sixteen_bit_greyscale_faithfully(demo, tmp_path):
+    path = tmp_path / "grey16.png"
+    Image.fromarray(np.full((32, 32), 16384, dtype=np.uint16)).save(path)  # a quarter of full scale: dark grey
+    _, merge_map, info = demo(str(path), 64, api_name="tokenize")
+    assert "mode I;16" in info
+    # With K = L every cell is its own token; the merge map blends the image under the token colours, so a dark
+    # input stays far from the washed-out picture PIL's clipping RGB conversion (to white) would give.
+    assert np.asarray(Image.open(merge_map)).mean() < 200

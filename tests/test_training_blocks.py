@@ -386,6 +386,33 @@ def test_teacher_feature_cache_hits(tmp_path):
     assert torch.allclose(batch["teacher_features"], first[:4].float())
 
 
+def test_nan_teacher_features_are_rejected_on_the_data_side(tmp_path):
+    """NaN features (a broken teacher, a float16 overflow, a damaged cache file) never reach training silently."""
+    from safetensors.torch import save_file
+
+    teacher = _Counting()
+    ds = procedural_images(6, seed=4)
+    teacher.scale.data.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"features of teacher 'counting' hold NaN or infinite values in 6 of 6 rows"):
+        precompute_teacher_features(teacher, ds, batch_size=4, cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing cached
+
+    teacher.scale.data.fill_(1e5)  # finite in float32, infinite in the default float16 storage
+    with pytest.raises(ValueError, match="float16 overflows"):
+        precompute_teacher_features(teacher, ds, batch_size=4, cache_dir=False)
+
+    teacher.scale.data.fill_(1.0)
+    features = precompute_teacher_features(teacher, ds, batch_size=4, cache_dir=tmp_path)
+    (cache_file,) = tmp_path.glob("counting-*.safetensors")
+    damaged = features.clone()
+    damaged[2, 1] = float("nan")
+    save_file({"features": damaged}, str(cache_file))
+    with pytest.raises(ValueError, match=r"cached teacher features .*counting-.* rows \(first rows: \[2\]\); delete the file"):
+        precompute_teacher_features(teacher, ds, batch_size=4, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"hold NaN or infinite values in 1 of 6 rows"):
+        attach_teacher_features(ds, damaged)
+
+
 @needs_weights
 def test_mobilenet_teacher(tmp_path):
     teacher = build_teacher("mobilenet_v2", image_size=32)

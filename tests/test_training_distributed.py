@@ -5,10 +5,15 @@ each on two cores); they live in their own file so that a quick run can leave th
 (``pytest --ignore tests/test_training_distributed.py``). Each compares the 2-process run with a 1-process run of
 the same global batch (same data order, same K per step).
 
-For the tokenizer, the terms that see the whole batch are switched off (LFQ's batch entropy, the discriminator's
+For the tokenizer, the terms that see how the batch is split between processes are switched off (the discriminator's
 BatchNorm, LeCAM's batch-mean anchors), so two processes compute the same update as one, up to the order of float
-sums: the first steps must match closely. Later steps drift apart (an LFQ code whose latent sits near zero flips on
-a rounding difference), so the final models are compared by quality only.
+sums: the first steps must match closely. LFQ's batch entropy is all-reduced over the processes, so its logged value
+must match too; its weight is 0 all the same, because its sharp gradient (temperature 0.01) turns the rounding
+differences of the sums into visible differences by step 3. Later steps drift apart (an LFQ code whose latent sits
+near zero flips on a rounding difference, and rounding depends on the CPU's vector instructions), so neither the
+final models nor how much 12 steps taught them are compared: measured over ATEN_CPU_CAPABILITY=default/avx2/avx512,
+the final L1 ranges from 0.45 to 0.63 for a start of 0.60. That training learns is checked on the full recipe in
+test_training.py.
 """
 
 from __future__ import annotations
@@ -23,8 +28,7 @@ import pytest
 import torch
 
 from mergevq_hf import MergeARForCausalLM, MergeVQModel
-
-from test_training import ROOT, _script, mergear_argv, tokenizer_argv, train_logs
+from mergevq_hf.training import train_mergear, train_tokenizer
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="needs torch.distributed with gloo"
@@ -55,17 +59,18 @@ SPLIT_INVARIANT = ("--discriminator_norm", "group", "--lecam_weight", "0", "--co
 
 
 @pytest.fixture(scope="module")
-def single_process_tokenizer(tmp_path_factory):
+def single_process_tokenizer(tmp_path_factory, tokenizer_argv, train_logs):
     out = tmp_path_factory.mktemp("tokenizer_1proc")
-    trainer = _script("train_tokenizer").main(tokenizer_argv(out, 12, *SPLIT_INVARIANT))  # batch 8
+    trainer = train_tokenizer.main(tokenizer_argv(out, 12, *SPLIT_INVARIANT))  # batch 8
     return out, train_logs(trainer.state.log_history)
 
 
-def test_torchrun_two_processes_match_one_process(single_process_tokenizer, tmp_path):
+@pytest.mark.numerics
+def test_torchrun_two_processes_match_one_process(single_process_tokenizer, tmp_path, tokenizer_argv, train_logs):
     single_dir, single_logs = single_process_tokenizer
     argv = _with(tokenizer_argv(tmp_path, 12, *SPLIT_INVARIANT), per_device_train_batch_size=4)  # 2 x 4 = the single run's 8
     _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-             str(ROOT / "examples" / "train_tokenizer.py"), *argv])
+             "-m", "mergevq_hf.training.train_tokenizer", *argv])
 
     assert {p.name for p in (tmp_path / "checkpoint-10").glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
     MergeVQModel.from_pretrained(tmp_path)
@@ -74,21 +79,20 @@ def test_torchrun_two_processes_match_one_process(single_process_tokenizer, tmp_
     assert sorted(logs) == list(range(1, 13))
     assert [logs[s]["num_tokens"] for s in logs] == [single_logs[s]["num_tokens"] for s in logs]  # same K per step
     for step in (1, 2, 3):  # the same updates: gradients are averaged over processes, the discriminator's too
-        for key in ("loss", "grad_norm", "reconstruction_loss", "discriminator_loss", "generator_adversarial_loss"):
+        for key in ("loss", "grad_norm", "reconstruction_loss", "batch_entropy", "discriminator_loss", "generator_adversarial_loss"):
             assert logs[step][key] == pytest.approx(single_logs[step][key], rel=2e-3), (step, key)
     ddp, single = (json.loads((d / "eval_results.json").read_text()) for d in (tmp_path, single_dir))
-    start = logs[1]["reconstruction_loss"]
-    assert ddp["raw_l1"] < start - 0.05 and single["raw_l1"] < start - 0.05  # both learned
-    assert ddp["raw_l1"] == pytest.approx(single["raw_l1"], abs=0.08)
+    assert all(0 < run[key] < 2 for run in (ddp, single) for key in ("raw_l1", "ema_l1"))  # finite, on [-1, 1] images
 
 
-def test_accelerate_launch_two_processes_match_one_process(single_process_tokenizer, tmp_path):
+@pytest.mark.slow
+def test_accelerate_launch_two_processes_match_one_process(single_process_tokenizer, tmp_path, repo_root, mergear_argv, train_logs):
     tokenizer_dir = single_process_tokenizer[0]
     cache = tmp_path / "tokens"
-    single = _script("train_mergear").main(mergear_argv(tokenizer_dir, tmp_path / "single", cache, 12))  # batch 16
+    single = train_mergear.main(mergear_argv(tokenizer_dir, tmp_path / "single", cache, 12))  # batch 16
     argv = _with(mergear_argv(tokenizer_dir, tmp_path / "ddp", cache, 12), per_device_train_batch_size=8)
-    _launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "examples" / "accelerate_configs" / "cpu_2proc.yaml"),
-             "--main_process_port", str(_free_port()), str(ROOT / "examples" / "train_mergear.py"), *argv])
+    _launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(repo_root / "examples" / "accelerate_configs" / "cpu_2proc.yaml"),
+             "--main_process_port", str(_free_port()), "-m", "mergevq_hf.training.train_mergear", *argv])
 
     assert (tmp_path / "ddp" / "checkpoint-12" / "rng_state_1.pth").is_file()
     MergeARForCausalLM.from_pretrained(tmp_path / "ddp")

@@ -6,64 +6,109 @@
     mergevq export hub_folder/
     mergevq train-tokenizer | train-ar | eval | convert ...   (options: mergevq <command> --help)
 
-The last four hand their arguments to the scripts and modules that define them, so their options live in one place.
+The last four hand their arguments to the package modules that define them (``mergevq_hf.training.train_tokenizer``,
+``mergevq_hf.training.train_mergear``, ``mergevq_hf.evaluation``, ``mergevq_hf.convert``), so their options live in one
+place and the commands work from an installed wheel.
 Heavy imports happen inside each command. Bad input exits with status 2 and one line `mergevq: error: ...`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
-import runpy
+import os
 import sys
 from pathlib import Path
 
 PROG = "mergevq"
-# examples/ ships with the source tree, not the wheel: the training commands need a checkout (or an editable install).
-EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 
 
 # ---- commands whose options are defined elsewhere -----------------------------------------------------------------
 
 
-def _run_example(script: str, argv: list[str]) -> int:
-    path = EXAMPLES_DIR / script
-    if not path.is_file():
-        raise FileNotFoundError(f"{script} is not installed with the package; run it from a source checkout ({path})")
-    namespace = runpy.run_path(str(path), run_name=f"mergevq_{path.stem}")  # defines main() without running it
-    namespace["main"](argv)
-    return 0
-
-
 def _run_module_main(module: str, argv: list[str]) -> int:
-    return importlib.import_module(module).main(argv) or 0
+    result = importlib.import_module(module).main(argv)
+    return result if isinstance(result, int) else 0  # the training mains return their Trainer
 
 
+# command -> (summary, module whose main(argv) parses and runs it)
 FORWARDED = {
-    "train-tokenizer": ("train a MergeVQ tokenizer (examples/train_tokenizer.py)", lambda a: _run_example("train_tokenizer.py", a)),
-    "train-ar": ("train a MergeAR generator on a tokenizer's codes (examples/train_mergear.py)", lambda a: _run_example("train_mergear.py", a)),
-    "eval": ("evaluate a tokenizer or generator (rFID, PSNR, SSIM, gFID, IS, ...)", lambda a: _run_module_main("mergevq_hf.evaluation", a)),
-    "convert": ("convert an official MergeVQ checkpoint to this package's format", lambda a: _run_module_main("mergevq_hf.convert", a)),
+    "train-tokenizer": ("train a MergeVQ tokenizer", "mergevq_hf.training.train_tokenizer"),
+    "train-ar": ("train a MergeAR generator on a tokenizer's codes", "mergevq_hf.training.train_mergear"),
+    "eval": ("evaluate a tokenizer or generator (rFID, PSNR, SSIM, gFID, IS, ...)", "mergevq_hf.evaluation"),
+    "convert": ("convert an official MergeVQ checkpoint to this package's format", "mergevq_hf.convert"),
 }
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
 
 
-def _load(args):
-    """The pipeline named by --model (or the default chain), on --device; says so when it is the random one."""
+def _device(name: str | None):
+    """--device as a torch.device that exists on this machine (checked before the model is loaded)."""
     import torch
 
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device; use e.g. cpu, cuda, cuda:1 or mps") from None
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as error:  # torch asserts when it was built without that backend
+        raise ValueError(f"--device {name} is not available on this machine ({_one_line(error)})") from None
+    return device
+
+
+def _load(args):
+    """The pipeline named by --model (or the default chain), on --device; says so when it is the random one."""
     from .defaults import load_default_pipeline
 
+    device = _device(args.device)
     loaded = load_default_pipeline(args.model)
     if loaded.notice:
         print(f"{PROG}: note: {loaded.notice}", file=sys.stderr)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = loaded.pipeline.to(device)
     pipe.set_progress_bar_config(disable=None, desc="generating")  # disable=None: a bar only on a terminal
     return pipe, loaded.source
+
+
+def _check_output_file(path) -> Path:
+    """Refuse an output path that exists but is not a regular file (a device such as /dev/null, a folder, a pipe):
+    the atomic rename in `_write_atomically` would replace it."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path} exists and is not a regular file; refusing to replace it (choose another output path)")
+    return path
+
+
+def _write_atomically(path, write) -> None:
+    """`write(temporary_path)`, then rename the finished file to `path`. A failure (full disk, no permission) leaves
+    no partial file behind and is reported as one OSError naming `path`."""
+    path = _check_output_file(path)
+    if path.is_symlink():  # write the file it points to, keep the link
+        path = path.resolve()
+    temporary = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")  # same suffix: same format
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):  # e.g. the parent is not a folder: then there is nothing to remove
+            temporary.unlink(missing_ok=True)
+        if not isinstance(error, OSError):
+            raise
+        failure = OSError(f"could not write {path}: {error.strerror or _one_line(error)}")
+        failure.errno = error.errno
+        raise failure from None
+
+
+def _overlapping(first, second) -> bool:
+    """Whether two folders are the same, or one lies inside the other."""
+    first, second = Path(first).resolve(), Path(second).resolve()
+    return first == second or first in second.parents or second in first.parents
 
 
 def _positive_int(text: str) -> int:
@@ -88,6 +133,11 @@ def _reconstruct_all(pipe, paths: list[str], num_tokens: int | None, batch_size:
 
     for batch in _batches(paths, batch_size, desc):
         images = [load_image(path)[0] for path in batch]
+        for path, image in zip(batch, images):
+            try:
+                pipe.image_processor.check_size(image.height, image.width)
+            except ValueError as error:
+                raise ValueError(f"{path}: {error}") from None
         output = pipe.reconstruct(images, num_tokens=num_tokens)
         for row, (path, image) in enumerate(zip(batch, images)):
             yield path, image, output, row
@@ -101,37 +151,40 @@ def cmd_generate(args) -> int:
 
     from .visualization import make_grid
 
+    output = _check_output_file(args.output)  # before the work, not after
     pipe, _ = _load(args)
     images = pipe(
         class_labels=args.classes, num_images_per_class=args.num_per_class, num_tokens=args.num_tokens,
         guidance_scale=args.guidance, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator().manual_seed(args.seed), token_budget=args.token_budget,
     ).images
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(images, nrow=args.num_per_class).save(output)
+    grid = make_grid(images, nrow=args.num_per_class)
+    _write_atomically(output, grid.save)
     print(f"wrote {len(images)} images ({len(args.classes)} classes x {args.num_per_class}) to {output}")
     return 0
 
 
 def cmd_reconstruct(args) -> int:
-    from PIL import ImageOps
-
     from .visualization import draw_merge_map
 
     stems = [Path(path).stem for path in args.images]
     if len(set(stems)) != len(stems):
         raise ValueError("two input images share a file name; their outputs would overwrite each other")
-    pipe, _ = _load(args)
-    config = pipe.vq_model.config
     out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--output-dir {out_dir} exists and is not a folder")
+    for stem in stems:
+        _check_output_file(out_dir / f"{stem}.recon.png")
+        _check_output_file(out_dir / f"{stem}.merge.png")
+    pipe, _ = _load(args)
+    config, processor = pipe.vq_model.config, pipe.image_processor
     for path, image, output, row in _reconstruct_all(pipe, args.images, args.num_tokens, args.batch_size, "reconstructing"):
         stem = Path(path).stem
-        output.images[row].save(out_dir / f"{stem}.recon.png")
-        # Draw over the square crop the tokenizer saw (the pipeline resizes the short side and centre-crops).
-        seen = ImageOps.fit(image, (config.image_size, config.image_size))
-        draw_merge_map(seen, output.source_maps[row], config.grid_size).save(out_dir / f"{stem}.merge.png")
+        _write_atomically(out_dir / f"{stem}.recon.png", output.images[row].save)
+        # Draw over the square the tokenizer saw (the image processor's output).
+        seen = processor.postprocess(processor(image).pixel_values)[0]
+        merge_map = draw_merge_map(seen, output.source_maps[row], config.grid_size)
+        _write_atomically(out_dir / f"{stem}.merge.png", merge_map.save)
     num_tokens = output.indices.shape[1]
     print(
         f"wrote {len(args.images)} reconstructions and merge maps to {out_dir} "
@@ -144,6 +197,7 @@ def cmd_encode(args) -> int:
     import torch
     from safetensors.torch import save_file
 
+    output_path = _check_output_file(args.output)  # before the work, not after
     pipe, source = _load(args)
     indices, source_maps = [], []
     for _, _, output, row in _reconstruct_all(pipe, args.images, args.num_tokens, args.batch_size, "encoding"):
@@ -155,9 +209,7 @@ def cmd_encode(args) -> int:
         "images": json.dumps(list(args.images)), "model": source, "num_tokens": str(tensors["indices"].shape[1]),
         "grid_size": str(config.grid_size), "codebook_bits": str(config.codebook_bits),
     }
-    output_path = Path(args.output)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(output_path), metadata=metadata)
+    _write_atomically(output_path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
     print(
         f"wrote indices {list(tensors['indices'].shape)} and source_maps {list(tensors['source_maps'].shape)} to {output_path}"
     )
@@ -167,7 +219,17 @@ def cmd_encode(args) -> int:
 def cmd_export(args) -> int:
     from .hub import export_for_hub
 
-    pipe, _ = _load(args)
+    pipe, source = _load(args)
+    # The export rewrites files in place: into the model's own folder it would leave a layout its loaders refuse.
+    loaded_from = [pipe.vq_model.name_or_path and Path(pipe.vq_model.name_or_path).parent, Path(source)]
+    for model_folder in loaded_from:
+        if model_folder and model_folder.is_dir() and _overlapping(args.folder, model_folder):
+            raise ValueError(
+                f"the export folder {args.folder} overlaps the model folder {model_folder} (the same, inside it or "
+                "containing it); export to a separate folder"
+            )
+    if Path(args.folder).exists() and not Path(args.folder).is_dir():
+        raise ValueError(f"{args.folder} exists and is not a folder")
     folder = export_for_hub(pipe, args.folder, repo_id=args.repo_id)
     print(f"wrote a self-contained Hub folder (load with trust_remote_code=True) to {folder}")
     return 0
@@ -201,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--num-tokens", "-k", type=_positive_int, metavar="K", help="token budget: how many distinct merged tokens each image gets, 1 <= K <= L (default: the generator's default_num_tokens)")
     generate.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale; 1 turns it off (default: 2.0)")
     generate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature > 0 (default: 1.0)")
-    generate.add_argument("--top-k", type=int, default=0, help="keep only the k most likely codes; 0 = off (default: 0)")
-    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off (default: 1.0)")
+    generate.add_argument("--top-k", type=int, default=0, help="keep only the k most likely values of each sub-token (low bits, then high bits; whole codes for a dense head); 0 = off (default: 0)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] of each sub-token (whole codes for a dense head); 1 = off (default: 1.0)")
+    generate.add_argument("--token-budget", action=argparse.BooleanOptionalAction, default=False, help="once an image has K distinct codes, only repeat them (the K/V cache then holds at most 2 + K + W entries); off by default, as it lowers quality on the bundled model")
     generate.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images (default: 0)")
     generate.add_argument("--output", "-o", default="mergevq_samples.png", help="PNG file for the image grid (default: mergevq_samples.png)")
     _add_model_options(generate)
@@ -240,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv and argv[0] in FORWARDED:  # the backing script parses (and documents) its own options
-            return FORWARDED[argv[0]][1](argv[1:])
+            return _run_module_main(FORWARDED[argv[0]][1], argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
     except (ValueError, OSError) as error:  # bad input or a missing file: one readable line, no traceback

@@ -2,15 +2,18 @@
 
 from transformers import PretrainedConfig
 
+from .config_checks import check_field_types
+
 # Named sizes. "L" is the paper's stage-2 model (LlamaGen-L / Open-MAGVIT2 "AR_256_B", 343M parameters)
 # over the 16x16 grid of the G+R tokenizer; "L-1024" is the same network over the 32x32 grid of the G
-# tokenizer; "tiny" is a CPU-sized model for tests and demos.
+# tokenizer; "tiny" is a CPU-sized model for tests and demos whose codes, grid and K are those of
+# `MergeVQConfig.from_preset("tiny")`.
 _PRESETS = {
     "L": {},
     "L-1024": {"grid_size": 32, "default_num_tokens": 256},
     "tiny": {
-        "codebook_bits": 6,
-        "factorized_bits": [3, 3],
+        "codebook_bits": 10,
+        "factorized_bits": [4, 6],
         "grid_size": 8,
         "num_classes": 10,
         "hidden_size": 64,
@@ -26,7 +29,11 @@ _PRESETS = {
 class MergeARConfig(PretrainedConfig):
     r"""
     Configuration of [`MergeARForCausalLM`]. The defaults are the "L" preset (343M parameters, 2^18 LFQ codes
-    predicted by a 6+12-bit factorised head, 16x16 token grid, K = 144 kept tokens).
+    predicted by a 6+12-bit factorised head, 16x16 token grid, K = 144 kept tokens). Build one that fits a
+    tokenizer with :meth:`from_tokenizer_config`.
+
+    ``vocab_size`` (read-only, ``2**codebook_bits``) is the number of ids ``generate`` can produce and the width of
+    the logits. Prompt ids (classes, merge instructions) lie above it: they are inputs only, never sampled.
 
     Args:
         codebook_bits: the tokenizer's LFQ code length; image codes are ids ``[0, 2**codebook_bits)``.
@@ -76,6 +83,7 @@ class MergeARConfig(PretrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
+        check_field_types(self)
         # Dataclass defaults must be immutable, JSON gives lists: store a list either way.
         if self.factorized_bits is not None:
             self.factorized_bits = list(self.factorized_bits)
@@ -92,6 +100,11 @@ class MergeARConfig(PretrainedConfig):
         """``V``, the number of image codes."""
         return 2**self.codebook_bits
 
+    @property
+    def vocab_size(self) -> int:
+        """Ids ``generate`` samples (the image codes) and the width of the logits: ``codebook_size``."""
+        return self.codebook_size
+
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "MergeARConfig":
         """Build a named size: ``"L"`` (paper, 256 tokens), ``"L-1024"`` (1024 tokens) or ``"tiny"``."""
@@ -99,16 +112,45 @@ class MergeARConfig(PretrainedConfig):
             raise ValueError(f"Unknown MergeAR preset {name!r}; expected one of {sorted(_PRESETS)}.")
         return cls(**{**_PRESETS[name], **overrides})
 
+    @classmethod
+    def from_tokenizer_config(cls, tokenizer_config, preset: str = "tiny", **overrides) -> "MergeARConfig":
+        """A ``preset``-sized config whose codes, grid and K are those of ``tokenizer_config`` (a ``MergeVQConfig``).
+
+        ``codebook_bits``, ``factorized_bits`` and ``grid_size`` come from the tokenizer and cannot be overridden;
+        ``default_num_tokens`` defaults to its ``num_tokens``. Other keywords (``num_classes``, ``hidden_size``, ...)
+        override the preset.
+        """
+        for name in ("codebook_bits", "factorized_bits", "grid_size"):
+            if name in overrides:
+                raise ValueError(f"{name} is taken from the tokenizer (it must match its codes); do not override it")
+        missing = [name for name in ("codebook_bits", "factorized_bits", "grid_size", "num_tokens")
+                   if not hasattr(tokenizer_config, name)]
+        if missing:
+            raise TypeError(
+                f"tokenizer_config must be a MergeVQConfig (it has no {', '.join(missing)}), "
+                f"got {type(tokenizer_config).__name__}"
+            )
+        matched = dict(
+            codebook_bits=tokenizer_config.codebook_bits,
+            factorized_bits=tokenizer_config.factorized_bits,
+            grid_size=tokenizer_config.grid_size,
+            default_num_tokens=tokenizer_config.num_tokens,
+        )
+        return cls.from_preset(preset, **{**matched, **overrides})
+
     def validate_architecture(self):
         """Reject impossible sizes with a message that names the field."""
         positive = ("codebook_bits", "grid_size", "num_classes", "hidden_size", "num_hidden_layers")
         positive += ("num_attention_heads", "intermediate_size", "num_factorized_layers", "repeat_window")
         for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if getattr(self, name) < 1:
                 raise ValueError(f"MergeARConfig.{name} must be a positive integer, got {getattr(self, name)!r}.")
         for name in ("class_dropout_prob", "token_dropout", "resid_dropout", "ffn_dropout", "label_smoothing"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"MergeARConfig.{name} must be in [0, 1), got {getattr(self, name)!r}.")
+        for name in ("rms_norm_eps", "rope_theta"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"MergeARConfig.{name} must be > 0, got {getattr(self, name)!r}.")
         if self.factorized_bits is None:
             if self.codebook_bits > 14:
                 raise ValueError(

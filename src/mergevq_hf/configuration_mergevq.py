@@ -4,6 +4,8 @@ import math
 
 from transformers import PretrainedConfig
 
+from .config_checks import check_field_types
+
 
 def gaussian_candidate_probs(num_candidates: int, mean: float = 1.0, std: float = 0.5, floor: float = 0.05) -> list[float]:
     """Stage-1 K distribution of the released code: a Gaussian over the candidate *index* plus a floor, normalised."""
@@ -130,6 +132,7 @@ class MergeVQConfig(PretrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
+        check_field_types(self)
         self.channel_multipliers = list(self.channel_multipliers)
         if self.factorized_bits is not None:
             self.factorized_bits = list(self.factorized_bits)
@@ -171,7 +174,7 @@ class MergeVQConfig(PretrainedConfig):
     def _validate(self):
         def positive_int(name):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if value < 1:  # the type is checked by check_field_types
                 raise ValueError(f"MergeVQConfig.{name} must be a positive integer, got {value!r}")
 
         for name in (
@@ -184,9 +187,7 @@ class MergeVQConfig(PretrainedConfig):
             positive_int(name)
         if self.stem_type not in ("cnn", "patchify"):
             raise ValueError(f"MergeVQConfig.stem_type must be 'cnn' or 'patchify', got {self.stem_type!r}")
-        if not self.channel_multipliers or any(
-            isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in self.channel_multipliers
-        ):
+        if not self.channel_multipliers or any(m < 1 for m in self.channel_multipliers):
             raise ValueError(
                 f"MergeVQConfig.channel_multipliers must be a non-empty list of positive integers, "
                 f"got {self.channel_multipliers!r}"

@@ -40,13 +40,7 @@ class LoadedPipeline(NamedTuple):
 def build_tiny_random_pipeline(seed: int = 0) -> MergeVQPipeline:
     """The "tiny" tokenizer with a "tiny" MergeAR sized to match it (codes, grid, K, 10 classes), seeded weights."""
     vq_config = MergeVQConfig.from_preset("tiny")
-    ar_config = MergeARConfig.from_preset(
-        "tiny",
-        codebook_bits=vq_config.codebook_bits,
-        factorized_bits=vq_config.factorized_bits,
-        grid_size=vq_config.grid_size,
-        default_num_tokens=vq_config.num_tokens,
-    )
+    ar_config = MergeARConfig.from_tokenizer_config(vq_config, preset="tiny")
     with torch.random.fork_rng(devices=[]):  # seed the weights without disturbing the caller's RNG
         torch.manual_seed(seed)
         vq_model = MergeVQModel(vq_config).eval()

@@ -10,7 +10,8 @@ layout that `trust_remote_code=True` loads anywhere (hf-integration.md ยง1 and ย
       pipeline_mergevq.py     (+ the siblings it imports)
       modeling_*.py, ...      every component's code again (see below)
       README.md               model card
-      vq_model/               config.json with auto_map, weights, modeling_mergevq.py and its sibling imports
+      vq_model/               config.json with auto_map, weights, modeling_mergevq.py and its sibling imports,
+                              preprocessor_config.json with auto_map and image_processing_mergevq.py
       transformer/            likewise for MergeARForCausalLM
 
 Each component's code is needed twice: diffusers loads it from the component's folder, while transformers 5.24
@@ -30,8 +31,8 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .pipeline_mergevq import CARD_DATASETS, CARD_LICENSE, CARD_TAGS, EVALUATION_PROTOCOL
 
-# Which transformers Auto class loads each pipeline component.
-COMPONENT_AUTO_CLASSES = {"vq_model": "AutoModel", "transformer": "AutoModelForCausalLM"}
+# The pipeline components that get remote code; each is loaded by the Auto class its model class registered for.
+COMPONENT_NAMES = ("vq_model", "transformer")
 _RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import\b", re.MULTILINE)
 
 
@@ -70,7 +71,8 @@ def export_for_hub(pipeline, folder, repo_id: str | None = None) -> Path:
     """
     Save `pipeline` to `folder` as a self-contained repository: `DiffusionPipeline.from_pretrained(folder,
     trust_remote_code=True)`, `AutoModel.from_pretrained(folder, subfolder="vq_model", trust_remote_code=True)` and
-    `AutoModelForCausalLM.from_pretrained(folder, subfolder="transformer", trust_remote_code=True)` then work in an
+    `AutoModelForCausalLM.from_pretrained(folder, subfolder="transformer", trust_remote_code=True)` (`AutoModel` for
+    a random-order transformer) then work in an
     environment without `mergevq_hf`. `repo_id` only fills the usage example of the model card. Returns the folder.
 
     With `mergevq_hf` installed, load the export with `trust_remote_code=True` as well: its `model_index.json` names
@@ -82,8 +84,9 @@ def export_for_hub(pipeline, folder, repo_id: str | None = None) -> Path:
     index_path = folder / "model_index.json"
     index = json.loads(index_path.read_text())
 
-    for name, auto_class in COMPONENT_AUTO_CLASSES.items():
+    for name in COMPONENT_NAMES:
         model = getattr(pipeline, name)
+        auto_class = type(model)._auto_class
         model_file, config_file = _source_file(type(model)), _source_file(type(model.config))
         files = sorted(set(sibling_closure(model_file)) | set(sibling_closure(config_file)))
         _copy_code(files, folder / name, copied)
@@ -96,6 +99,15 @@ def export_for_hub(pipeline, folder, repo_id: str | None = None) -> Path:
         }
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         index[name] = [model_file.stem, type(model).__name__]
+
+    # The image processor's preprocessor_config.json sits next to the tokenizer: AutoImageProcessor finds it there.
+    processor = pipeline.image_processor
+    processor_file = _source_file(type(processor))
+    _copy_code(sibling_closure(processor_file), folder / "vq_model", copied)
+    processor_path = folder / "vq_model" / "preprocessor_config.json"
+    processor_config = json.loads(processor_path.read_text())
+    processor_config["auto_map"] = {"AutoImageProcessor": f"{processor_file.stem}.{type(processor).__name__}"}
+    processor_path.write_text(json.dumps(processor_config, indent=2, sort_keys=True) + "\n")
 
     pipeline_file = _source_file(type(pipeline))
     _copy_code(sibling_closure(pipeline_file), folder, copied)
@@ -145,4 +157,4 @@ pixels = tokenizer.decode(encoded.indices, encoded.source_map)
     return ModelCard(content)
 
 
-__all__ = ["COMPONENT_AUTO_CLASSES", "export_for_hub", "sibling_closure", "tokenizer_model_card"]
+__all__ = ["COMPONENT_NAMES", "export_for_hub", "sibling_closure", "tokenizer_model_card"]

@@ -13,22 +13,31 @@ class ``c`` is id ``V + c`` (``V + C`` is the null class); merge instruction ``K
 logits only cover the ``V`` image codes, so prompt ids are never sampled.
 """
 
+import math
 from dataclasses import dataclass
+from numbers import Integral, Real
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import LogitsProcessorList
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
 from .cache_mergear import MergeARCache, build_sparsity_mask
+from .checkpoint_errors import ClearCheckpointErrorsMixin
+from .config_checks import check_attention_outputs
 from .configuration_mergear import MergeARConfig
+from .generation_mergear import SAMPLING_MODES, MergeARSampler, TokenBudgetLogitsProcessor, paused_gc
 from .quantization_lfq import split_indices
+from .sampling_utils import sample_rows  # noqa: F401  (generation_mergear's sibling: diffusers copies one level)
 
 NUM_PREFIX = 2  # class token + merge-instruction token
 # transformers 5.24 renamed the output field `past_key_values` to `cache`; support both releases.
@@ -70,6 +79,26 @@ def rotary_2d(position_ids: torch.Tensor, config: MergeARConfig, dtype: torch.dt
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Attention written out, so that it can return its weights ``[B, H, q, kv]`` (``output_attentions``).
+
+    A boolean mask marks the visible keys, a float mask is added to the scores. Without a mask, a query block of
+    more than one token on a causal module sees the keys up to its own position (the last ``q`` keys are its own).
+    """
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    query_length, key_length = query.shape[2], key.shape[2]
+    if attention_mask is None and query_length > 1 and getattr(module, "is_causal", False):
+        attention_mask = torch.ones(query_length, key_length, dtype=torch.bool, device=query.device)
+        attention_mask = attention_mask.tril(key_length - query_length)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    elif attention_mask is not None:
+        scores = scores + attention_mask
+    weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
 class MergeARAttention(nn.Module):
     def __init__(self, config: MergeARConfig, layer_idx: int):
         super().__init__()
@@ -97,9 +126,10 @@ class MergeARAttention(nn.Module):
             key = key * cos + _rotate_half_per_axis(key) * sin
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, sdpa_attention_forward)
-        output, _ = attention(self, query, key, value, attention_mask, scaling=self.scaling, dropout=0.0)
-        return self.o_proj(output.reshape(batch, length, -1))
+        # "eager" is not in the registry, so it falls back to the written-out attention above.
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        output, weights = attention(self, query, key, value, attention_mask, scaling=self.scaling, dropout=0.0)
+        return self.o_proj(output.reshape(batch, length, -1)), weights
 
 
 class MergeARMLP(nn.Module):
@@ -114,7 +144,10 @@ class MergeARMLP(nn.Module):
         return self.down_proj(self.dropout(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
-class MergeARDecoderLayer(nn.Module):
+class MergeARDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm attention + SwiGLU block. Callers pass all but ``hidden_states`` by keyword: under gradient
+    checkpointing the layer then runs without the cache (a recomputation must not write to it twice)."""
+
     def __init__(self, config: MergeARConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -124,7 +157,7 @@ class MergeARDecoderLayer(nn.Module):
         self.resid_dropout = nn.Dropout(config.resid_dropout)
 
     def forward(self, hidden_states, rotary=None, attention_mask=None, cache=None):
-        attended = self.self_attn(self.input_layernorm(hidden_states), rotary, attention_mask, cache)
+        attended, _ = self.self_attn(self.input_layernorm(hidden_states), rotary, attention_mask, cache)
         hidden_states = hidden_states + self.resid_dropout(attended)
         return hidden_states + self.resid_dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
 
@@ -177,31 +210,42 @@ class MergeARFactorizedHead(nn.Module):
         out = self._run(pairs)
         return self.low_head(out[:, 0]).unflatten(0, lead), self.high_head(out[:, 1]).unflatten(0, lead)
 
+    def predict_low(self, hidden_states):
+        """Slot 0 at inference: ``[N, d]`` states -> (``[N, 2**low_bits]`` low logits, the head's cache for slot 1)."""
+        cache = DynamicCache()
+        return self.low_head(self._run(hidden_states[:, None], cache)[:, 0]), cache
+
+    def predict_high(self, low, cache):
+        """Slot 1 at inference: ``[N]`` chosen low values and slot 0's cache -> ``[N, 2**high_bits]`` high logits."""
+        return self.high_head(self._run(self.embed_low(low)[:, None], cache)[:, 0])
+
     def joint_log_probs(self, hidden_states):
         """``[..., d]`` -> ``[..., 2**codebook_bits]``: ``log p(lo) + log p(hi | lo)`` at code ``(hi << lo_bits) | lo``.
 
         Exact: slot 0 runs once, then slot 1 runs for all ``2**low_bits`` low values against its cached K/V.
         """
         lead, width = hidden_states.shape[:-1], hidden_states.shape[-1]
-        cache = DynamicCache()
-        first = self._run(hidden_states.reshape(-1, 1, width), cache)
-        low_log_probs = self.low_head(first[:, 0]).float().log_softmax(-1)  # [N, M]
+        low_logits, cache = self.predict_low(hidden_states.reshape(-1, width))
+        low_log_probs = low_logits.float().log_softmax(-1)  # [N, M]
         count, num_low = low_log_probs.shape
         cache.batch_repeat_interleave(num_low)
-        lows = self.embed_low.weight.repeat(count, 1)[:, None]  # row n * M + l holds low value l
-        second = self._run(lows, cache)
-        high_log_probs = self.high_head(second[:, 0]).float().log_softmax(-1).view(count, num_low, -1)
+        lows = torch.arange(num_low, device=low_logits.device).repeat(count)  # row n * M + l holds low value l
+        high_log_probs = self.predict_high(lows, cache).float().log_softmax(-1).view(count, num_low, -1)
         joint = low_log_probs[:, :, None] + high_log_probs  # [N, lo, hi]
         return joint.transpose(1, 2).reshape(*lead, -1)  # flat index hi * 2**low_bits + lo
 
 
-class MergeARPreTrainedModel(PreTrainedModel):
+class MergeARPreTrainedModel(ClearCheckpointErrorsMixin, PreTrainedModel):
     config: MergeARConfig
     config_class = MergeARConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _no_split_modules = ["MergeARDecoderLayer"]
+    _input_embed_layer = "embed_image"  # get_input_embeddings(): the image-code table (asked for by FSDP2 wrapping)
     _supports_sdpa = True
+    supports_gradient_checkpointing = True
+    # `output_hidden_states` / `output_attentions` of the backbone (transformers' `capture_outputs` hooks).
+    _can_record_outputs = {"hidden_states": MergeARDecoderLayer, "attentions": MergeARAttention}
 
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -283,7 +327,7 @@ class MergeARModel(MergeARPreTrainedModel):
             raise ValueError("Prompt ids (class / merge instruction) must come before all image codes.")
         return build_sparsity_mask(input_ids[:, num_prompt:], self.config.repeat_window, num_prompt)
 
-    @can_return_tuple
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -292,6 +336,9 @@ class MergeARModel(MergeARPreTrainedModel):
         cache: Cache | None = None,
         use_cache: bool | None = None,
         past_key_values: Cache | None = None,
+        *,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
     ) -> BaseModelOutputWithPast:
         r"""
         input_ids: ``[B, q]`` prompt ids and/or image codes (see the module docstring for the id layout).
@@ -300,7 +347,13 @@ class MergeARModel(MergeARPreTrainedModel):
         cache / past_key_values: a ``MergeARCache`` (MergeAR eviction) or any other ``Cache`` (keeps every
             token: raster-AR baseline on the same weights). Without a cache the sparsity mask is applied directly.
         use_cache: build a ``MergeARCache`` when no cache is given (default: ``config.use_cache`` in eval mode).
+        output_hidden_states: also return ``hidden_states``, the ``num_hidden_layers + 1`` states ``[B, q, d]``
+            (embeddings, then every layer's output; the last one after the final norm). Recorded by transformers'
+            ``capture_outputs`` hooks, as are the ``attentions``.
+        output_attentions: also return every layer's attention weights ``[B, H, q, kv]`` (eager attention only).
+        return_dict: ``False`` returns a tuple.
         """
+        check_attention_outputs(self.config, output_attentions)
         cache = cache if cache is not None else past_key_values
         self._check_input_ids(input_ids)
         if use_cache is None:
@@ -324,8 +377,33 @@ class MergeARModel(MergeARPreTrainedModel):
         hidden_states = self.token_dropout(self.embed(input_ids))
         rotary = rotary_2d(position_ids.expand(input_ids.shape[0], -1), self.config, hidden_states.dtype)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, rotary, mask, cache)
+            hidden_states = layer(hidden_states, rotary=rotary, attention_mask=mask, cache=cache)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{_CACHE_FIELD: cache})
+
+
+def _integers(values, name: str, device) -> torch.LongTensor:
+    # Integer ids as a flat LongTensor. Floats, bools and strings are refused rather than coerced (1.7 -> 1, True -> 1).
+    if isinstance(values, torch.Tensor):
+        if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+            raise ValueError(f"{name} must hold integers, got a {values.dtype} tensor.")
+        return values.to(device=device, dtype=torch.long).reshape(-1)
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind not in "iu":
+            raise ValueError(f"{name} must hold integers, got a numpy array of {values.dtype}.")
+        return torch.as_tensor(values, dtype=torch.long, device=device).reshape(-1)
+    items = list(values) if isinstance(values, (list, tuple)) else [values]
+    if not all(isinstance(item, Integral) and not isinstance(item, (bool, np.bool_)) for item in items):
+        raise ValueError(
+            f"{name} must be an int or a list of ints (numpy ints and integer tensors work), got {values!r}."
+        )
+    return torch.tensor([int(item) for item in items], dtype=torch.long, device=device)
+
+
+def _check_cfg_scale(cfg_scale) -> None:
+    if cfg_scale is not None and not (
+        isinstance(cfg_scale, Real) and not isinstance(cfg_scale, bool) and math.isfinite(cfg_scale) and cfg_scale >= 0
+    ):
+        raise ValueError(f"cfg_scale must be None or a finite number >= 0 (1 = no guidance), got {cfg_scale!r}.")
 
 
 def _cache_rows(cache) -> int | None:
@@ -337,11 +415,12 @@ def _cache_rows(cache) -> int | None:
 class MergeARForCausalLM(MergeARPreTrainedModel, GenerationMixin):
     """MergeAR generator: backbone + output head (factorised for large codebooks, dense up to 14 bits).
 
-    Logits cover all ``V`` image codes. With the factorised head they are the exact joint log-probabilities
-    ``log p(lo) + log p(hi | lo)``, computed by running the head for every low value (one batched pass), so
-    greedy, sampling, temperature, top-k, top-p and guidance all act on the joint distribution of a code, not per
-    sub-token as in Open-MAGVIT2. With a dense head they are the head's plain output. Training returns
-    ``CE(lo) + CE(hi | true lo)`` and the two teacher-forced logit tensors.
+    ``forward``'s logits cover all ``V`` image codes. With the factorised head they are the exact joint
+    log-probabilities ``log p(lo) + log p(hi | lo)``, computed by running the head for every low value (one batched
+    pass); with a dense head they are the head's plain output. ``generate`` uses them for greedy decoding, beam
+    search and ``sampling="joint"``; when sampling with a factorised head it draws per sub-token instead (low bits,
+    then high bits given them, as Open-MAGVIT2 does), running the head twice per step (see :meth:`generate`).
+    Training returns ``CE(lo) + CE(hi | true lo)`` and the two teacher-forced logit tensors.
 
     Generation::
 
@@ -362,7 +441,7 @@ class MergeARForCausalLM(MergeARPreTrainedModel, GenerationMixin):
     def build_prompt(self, class_labels, num_tokens=None) -> torch.LongTensor:
         """``[B, 2]`` prompt ids ``[V + class, V + C + 1 + K]``; ``num_tokens`` is an int or ``[B]`` (default K)."""
         config = self.config
-        labels = torch.as_tensor(class_labels, dtype=torch.long, device=self.device).reshape(-1)
+        labels = _integers(class_labels, "class_labels", self.device)
         if labels.numel() == 0 or ((labels < 0) | (labels > config.num_classes)).any():
             raise ValueError(
                 f"class_labels must be class ids in [0, {config.num_classes}] ({config.num_classes} = null class), "
@@ -370,7 +449,7 @@ class MergeARForCausalLM(MergeARPreTrainedModel, GenerationMixin):
             )
         if num_tokens is None:
             num_tokens = config.default_num_tokens
-        counts = torch.as_tensor(num_tokens, dtype=torch.long, device=self.device).reshape(-1)
+        counts = _integers(num_tokens, "num_tokens", self.device)
         if counts.numel() not in (1, labels.numel()):
             raise ValueError(f"num_tokens must be an int or one value per class label, got {counts.numel()} values.")
         if ((counts < 1) | (counts > config.num_image_tokens)).any():
@@ -416,6 +495,8 @@ class MergeARForCausalLM(MergeARPreTrainedModel, GenerationMixin):
         cfg_scale: float | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
     ) -> MergeARCausalLMOutput:
         r"""
         Two entries:
@@ -430,7 +511,11 @@ class MergeARForCausalLM(MergeARPreTrainedModel, GenerationMixin):
         cfg_scale: classifier-free guidance in one batched forward: rows ``[cond; uncond]`` (class token swapped
             for the null class) run as ``2B`` rows, the cache holds ``2B`` rows, and the returned logits are
             ``u + s * (c - u)`` for the ``B`` rows. Keep the same value for every step of a generation.
+        output_hidden_states, output_attentions: the backbone's (see :meth:`MergeARModel.forward`), over the
+            sequence it ran (``[cls, M(K)] + labels[:, :-1]`` in training; ``2B`` rows with ``cfg_scale``).
+        return_dict: ``False`` returns a tuple.
         """
+        recorded = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         cache = cache if cache is not None else past_key_values
         if class_labels is not None:
             if input_ids is not None:
@@ -446,19 +531,21 @@ class MergeARForCausalLM(MergeARPreTrainedModel, GenerationMixin):
                 raise ValueError("cfg_scale is an inference option; it cannot be combined with labels.")
             self._check_labels(labels, input_ids.shape[0])
             sequence = torch.cat([input_ids, labels[:, :-1]], dim=1)
-            hidden_states = self.model(sequence, use_cache=False).last_hidden_state[:, NUM_PREFIX - 1 :]
-            loss, logits = self._loss(hidden_states, labels)
+            outputs = self.model(sequence, use_cache=False, **recorded)
+            loss, logits = self._loss(outputs.last_hidden_state[:, NUM_PREFIX - 1 :], labels)
+            recorded = dict(hidden_states=outputs.hidden_states, attentions=outputs.attentions)
             if isinstance(logits, tuple):
-                return MergeARCausalLMOutput(loss=loss, low_logits=logits[0], high_logits=logits[1])
-            return MergeARCausalLMOutput(loss=loss, logits=logits)
+                return MergeARCausalLMOutput(loss=loss, low_logits=logits[0], high_logits=logits[1], **recorded)
+            return MergeARCausalLMOutput(loss=loss, logits=logits, **recorded)
 
+        _check_cfg_scale(cfg_scale)
         guided = cfg_scale is not None and cfg_scale != 1.0
         batch = input_ids.shape[0]
         if guided:
             input_ids, attention_mask, position_ids = self._guidance_batch(
                 input_ids, attention_mask, position_ids, cache
             )
-        outputs = self.model(input_ids, attention_mask, position_ids, cache=cache, use_cache=use_cache)
+        outputs = self.model(input_ids, attention_mask, position_ids, cache=cache, use_cache=use_cache, **recorded)
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
             hidden_states = hidden_states[:, -logits_to_keep:]
@@ -468,7 +555,10 @@ class MergeARForCausalLM(MergeARPreTrainedModel, GenerationMixin):
         if guided:
             cond, uncond = logits[:batch], logits[batch:]
             logits = uncond + cfg_scale * (cond - uncond)
-        return MergeARCausalLMOutput(logits=logits, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
+        return MergeARCausalLMOutput(
+            logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
+        )
 
     def _guidance_batch(self, input_ids, attention_mask, position_ids, cache):
         codebook, null_id = self.config.codebook_size, self.config.codebook_size + self.config.num_classes
@@ -487,18 +577,44 @@ class MergeARForCausalLM(MergeARPreTrainedModel, GenerationMixin):
         return input_ids, attention_mask, position_ids
 
     def generate(
-        self, inputs=None, generation_config=None, class_labels=None, num_tokens=None, cfg_scale=None, **kwargs
+        self, inputs=None, generation_config=None, class_labels=None, num_tokens=None, cfg_scale=None, sampling=None,
+        token_budget=False, generators=None, **kwargs,
     ):
-        r"""``GenerationMixin.generate`` with a class-conditional entry and a fresh ``MergeARCache`` by default.
+        r"""``GenerationMixin.generate`` with a class-conditional entry, batched guidance, a fresh ``MergeARCache``,
+        per-sub-token sampling and the token budget.
 
-        class_labels: ``[B]`` ids (or a list); the prompt ``[cls, M(K)]`` is built for you.
-        num_tokens: ``K`` (int or ``[B]``, default ``config.default_num_tokens``).
-        cfg_scale: batched classifier-free guidance scale (None or 1 = off).
+        class_labels: ``[B]`` integer class ids (list, numpy or integer tensor); the prompt ``[cls, M(K)]`` is built
+            for you. Or pass a prompt ``[[V + class, V + C + 1 + K, codes...]]`` as ``inputs`` / ``input_ids``.
+        num_tokens: ``K`` (int or ``[B]``, default ``config.default_num_tokens``), the merge instruction.
+        cfg_scale: batched classifier-free guidance ``u + s (c - u)`` with the null class as ``u`` (None or 1 = off).
+            transformers' ``guidance_scale`` (keyword or in a ``GenerationConfig``) means the same and is mapped
+            onto it; transformers' own unbatched guidance with a negative prompt is never run.
+        sampling: how a code is drawn.
+            - ``"sub_token"`` (default for a factorised head when sampling with one beam): the low bits, then the
+              high bits given them, as Open-MAGVIT2 samples. Guidance, temperature, top-k and top-p act on each
+              sub-token: ``top_k=k`` keeps the k most likely low values, then the k most likely high values given
+              the drawn low value (not the k most likely codes); ``top_p`` likewise keeps the p-mass of each.
+            - ``"joint"`` (default otherwise: greedy, beam search, dense head): the exact joint distribution of codes
+              ``log p(lo) + log p(hi | lo)``, so every processor acts on whole codes. Needed for beam search and for
+              full-code ``scores``; costs ``2**low_bits`` runs of the head's second slot per row and step.
+            ``temperature`` / ``top_k`` / ``top_p`` come from the generation config as usual (transformers'
+            default ``top_k`` is 50: pass ``top_k=0`` for plain sampling).
+        token_budget: hold the merge instruction: once a row has produced ``K`` distinct codes it may only repeat
+            codes it already produced (sub-token: the low bits of a held code, then the high bits of a held code
+            with those low bits; joint and dense heads: the held codes). Applied before temperature / top-k / top-p.
+        generators: one ``torch.Generator`` per generated row: row i draws only from ``generators[i]``.
 
-        ``max_new_tokens`` and ``min_new_tokens`` default to the tokens left to fill the ``L`` grid. Pass
-        ``cache=DynamicCache()`` (or ``MergeARCache(config, compress=False)``) for the raster-AR baseline. Returns
-        what ``generate`` returns (sequences ``[N, 2 + L]`` with the prompt); see
-        :meth:`image_tokens_from_sequences`.
+        The length defaults to the tokens left to fill the ``L`` grid; ``max_new_tokens`` / ``max_length`` (keyword,
+        ``generation_config`` or ``model.generation_config``) can stop earlier. A ``MergeARCache`` is made unless a
+        cache is passed or ``use_cache=False`` is set (then every step recomputes the sequence under the sparsity
+        mask). Pass ``cache=DynamicCache()`` (or ``MergeARCache(config, compress=False)``) for the raster-AR
+        baseline. Processors that punish repeats (``repetition_penalty``, ``no_repeat_ngram_size``) are refused: a
+        K-token image repeats each merged code over its whole region. Python's cyclic GC is paused while it runs.
+
+        Returns what ``generate`` returns (sequences ``[N, 2 + L]`` with the prompt; see
+        :meth:`image_tokens_from_sequences`). With ``return_dict_in_generate=True, output_scores=True`` per-sub-token
+        sampling returns a ``MergeARSubTokenOutput`` whose ``low_scores`` / ``high_scores`` hold both sub-tokens'
+        scores per step.
         """
         if class_labels is not None:
             if inputs is not None or kwargs.get("input_ids") is not None:
@@ -506,18 +622,141 @@ class MergeARForCausalLM(MergeARPreTrainedModel, GenerationMixin):
             inputs = self.build_prompt(class_labels, num_tokens)
         elif num_tokens is not None:
             raise ValueError("num_tokens needs class_labels (a prompt in input_ids already encodes K).")
-        prompt = inputs if inputs is not None else kwargs.get("input_ids")
-        if prompt is None:
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
+        if inputs is None:
             raise ValueError("generate needs class_labels (or a prompt [[V + class, V + C + 1 + K]] as input_ids).")
-        if cfg_scale is not None:
-            kwargs["cfg_scale"] = cfg_scale
-        remaining = NUM_PREFIX + self.config.num_image_tokens - prompt.shape[1]
-        kwargs.setdefault("max_new_tokens", remaining)
-        kwargs.setdefault("min_new_tokens", remaining)
-        use_cache = kwargs.get("use_cache", generation_config.use_cache if generation_config is not None else True)
-        if use_cache and kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
-            kwargs["cache"] = MergeARCache(self.config)
-        return super().generate(inputs, generation_config, **kwargs)
+        inputs = self._check_prompt(inputs)
+        if kwargs.get("negative_prompt_ids") is not None:
+            raise ValueError(
+                "MergeAR's guidance swaps the class token for the null class; negative_prompt_ids are not supported."
+            )
+        if not isinstance(token_budget, bool):
+            raise ValueError(f"token_budget must be True or False, got {token_budget!r}.")
+        length_given = any(
+            getattr(source, name, None) is not None
+            for source in (generation_config, self.generation_config)
+            for name in ("max_new_tokens", "max_length")
+        ) or any(kwargs.get(name) is not None for name in ("max_new_tokens", "max_length"))
+        config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
+        model_kwargs["cfg_scale"] = self._resolve_guidance(cfg_scale, config)
+        self._check_generation_config(config)
+        self._set_length(config, inputs.shape[1], length_given)
+        if config.use_cache and model_kwargs.get("cache") is None and model_kwargs.get("past_key_values") is None:
+            model_kwargs["cache"] = MergeARCache(self.config)
+
+        sampling = self._resolve_sampling(sampling, config)
+        if generators is not None and (config.num_beams > 1 or not config.do_sample):
+            raise ValueError("generators need do_sample=True with one beam (each row draws from its own generator).")
+        if sampling == "sub_token" or generators is not None:
+            if model_kwargs.get("custom_generate") is not None:
+                raise ValueError("custom_generate replaces MergeAR's decoding loop: use it with sampling='joint'.")
+            model_kwargs["custom_generate"] = MergeARSampler(sampling, token_budget, generators)
+        elif token_budget:
+            # First among the caller's processors, so that filters and draws among them see only allowed codes.
+            processors = [TokenBudgetLogitsProcessor(self.config), *(model_kwargs.pop("logits_processor", None) or [])]
+            model_kwargs["logits_processor"] = LogitsProcessorList(processors)
+        with paused_gc():
+            return super().generate(inputs, config, **model_kwargs)
+
+    def _check_prompt(self, prompt) -> torch.LongTensor:
+        """A generation prompt must be ``[class, merge instruction(K), image codes...]`` with room left to generate."""
+        config = self.config
+        if not isinstance(prompt, torch.Tensor):
+            prompt = torch.as_tensor(prompt)
+        if prompt.is_floating_point() or prompt.dtype == torch.bool or prompt.dim() != 2:
+            raise ValueError(
+                f"A prompt must be a [batch, length] integer tensor, got {prompt.dtype} {tuple(prompt.shape)}."
+            )
+        codebook, merge_base = config.codebook_size, config.codebook_size + config.num_classes + 1
+        longest = NUM_PREFIX + config.num_image_tokens - 1
+        if not NUM_PREFIX <= prompt.shape[1] <= longest:
+            raise ValueError(
+                f"A prompt holds 2 to {longest} ids ([class, merge instruction, codes...]), got {prompt.shape[1]}."
+            )
+        is_class = (prompt[:, 0] >= codebook) & (prompt[:, 0] < merge_base)
+        is_merge = (prompt[:, 1] > merge_base) & (prompt[:, 1] <= merge_base + config.num_image_tokens)
+        is_code = (prompt[:, NUM_PREFIX:] >= 0) & (prompt[:, NUM_PREFIX:] < codebook)
+        if not (is_class.all() and is_merge.all() and is_code.all()):
+            raise ValueError(
+                f"A prompt must be [class id in [{codebook}, {merge_base - 1}], merge-instruction id in "
+                f"[{merge_base + 1}, {merge_base + config.num_image_tokens}], image codes in [0, {codebook})...]; got "
+                f"{prompt[:2].tolist()}{' ...' if len(prompt) > 2 else ''}. build_prompt(class_labels, num_tokens) "
+                "makes one."
+            )
+        return prompt.to(device=self.device, dtype=torch.long)
+
+    @staticmethod
+    def _resolve_guidance(cfg_scale, config) -> float | None:
+        # transformers' `guidance_scale` would run its unbatched CFG with a one-token negative prompt: map it onto ours.
+        guidance_scale = config.guidance_scale
+        config.guidance_scale = 1.0  # 1.0, not None: None would be refilled from model.generation_config
+        _check_cfg_scale(cfg_scale)
+        if guidance_scale is not None and guidance_scale != 1.0:
+            _check_cfg_scale(guidance_scale)
+            if cfg_scale is not None and cfg_scale != guidance_scale:
+                raise ValueError(
+                    f"cfg_scale={cfg_scale} and guidance_scale={guidance_scale} disagree; pass one of them."
+                )
+            cfg_scale = guidance_scale
+        return None if cfg_scale is None or cfg_scale == 1.0 else float(cfg_scale)
+
+    @staticmethod
+    def _check_generation_config(config) -> None:
+        # None leaves a filter off, as in transformers.
+        temperature, top_k, top_p = config.temperature, config.top_k, config.top_p
+        if temperature is not None and not (
+            isinstance(temperature, Real) and not isinstance(temperature, bool) and math.isfinite(temperature)
+            and temperature > 0
+        ):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
+        if top_k is not None and not (isinstance(top_k, Integral) and not isinstance(top_k, bool) and top_k >= 0):
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}.")
+        if top_p is not None and not (
+            isinstance(top_p, Real) and not isinstance(top_p, bool) and math.isfinite(top_p) and 0 < top_p <= 1
+        ):
+            raise ValueError(f"top_p must be a number in (0, 1] (1 = off), got {top_p!r}.")
+        punishing = {
+            "repetition_penalty": config.repetition_penalty not in (None, 1.0),
+            "encoder_repetition_penalty": config.encoder_repetition_penalty not in (None, 1.0),
+            "no_repeat_ngram_size": bool(config.no_repeat_ngram_size),
+            "encoder_no_repeat_ngram_size": bool(config.encoder_no_repeat_ngram_size),
+        }
+        if any(punishing.values()):
+            raise ValueError(
+                f"{[name for name, on in punishing.items() if on]} punish repeated tokens, but a MergeAR sequence "
+                "must repeat each merged code over its region (that is the merge instruction); unset them."
+            )
+
+    def _set_length(self, config, prompt_length: int, length_given: bool) -> None:
+        # Generate up to the end of the grid unless a length was asked for; the generation config then carries
+        # `max_new_tokens` only (with `max_length` too, transformers would warn about two lengths).
+        remaining = NUM_PREFIX + self.config.num_image_tokens - prompt_length
+        new_tokens = remaining
+        if length_given:
+            new_tokens = config.max_new_tokens
+            if new_tokens is None:
+                new_tokens = config.max_length - prompt_length
+        if not 1 <= new_tokens <= remaining:
+            raise ValueError(
+                f"This prompt leaves {remaining} tokens to generate (L = {self.config.num_image_tokens}), but the "
+                f"generation config asks for {new_tokens} new tokens."
+            )
+        config.max_new_tokens, config.max_length = new_tokens, None
+
+    def _resolve_sampling(self, sampling, config) -> str:
+        if sampling is not None and sampling not in SAMPLING_MODES:
+            raise ValueError(f"sampling must be None or one of {SAMPLING_MODES}, got {sampling!r}.")
+        factorised = isinstance(self.lm_head, MergeARFactorizedHead)
+        if sampling == "sub_token" and not factorised:
+            raise ValueError(
+                "sampling='sub_token' needs a factorised head (config.factorized_bits); this one is dense."
+            )
+        if sampling == "sub_token" and config.num_beams > 1:
+            raise ValueError("Beam search scores whole codes: use sampling='joint' (the default with num_beams > 1).")
+        if sampling is None:
+            sampling = "sub_token" if factorised and config.do_sample and config.num_beams == 1 else "joint"
+        return sampling
 
     def image_tokens_from_sequences(self, sequences) -> torch.LongTensor:
         """``[N, 2 + L]`` generated sequences (or a generate output) -> ``[N, L]`` raster codes."""

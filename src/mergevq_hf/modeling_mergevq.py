@@ -17,9 +17,20 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, can_return_tuple
+
+try:  # diffusers' model CPU offload then moves the model to the execution device for encode/decode too
+    from diffusers.utils.accelerate_utils import apply_forward_hook
+except ImportError:  # a transformers-only environment (remote code): no offload hooks to honour
+
+    def apply_forward_hook(method):
+        return method
+
 
 from .checkpoint_errors import ClearCheckpointErrorsMixin
+from .config_checks import check_attention_outputs
 from .configuration_mergevq import MergeVQConfig
 from .quantization_lfq import LookupFreeQuantizer
 from .source_recovery import SourceRecovery
@@ -91,20 +102,40 @@ class AdaptiveGroupNorm(nn.Module):
 # ---- transformer pieces -----------------------------------------------------------------------------------------
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention that also returns the head-averaged keys (the token-merging metric)."""
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Attention written out, so that it can return its weights [B, H, T, T]; `attention_mask` is an additive bias."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
-    def __init__(self, dim: int, num_heads: int):
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention that also returns the head-averaged keys (the token-merging metric).
+
+    The kernel is `config._attn_implementation` (read at every call, so `set_attn_implementation` switches it):
+    "sdpa" by default, or "eager", the only one that returns the weights [B, H, T, T].
+    """
+
+    is_causal = False  # every token sees every token
+
+    def __init__(self, dim: int, num_heads: int, config: MergeVQConfig):
         super().__init__()
+        self.config = config
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None):
+        """(output [B, T, dim], head-mean keys [B, T, dim / heads], weights or None)."""
         batch, length, dim = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.proj(out.transpose(1, 2).reshape(batch, length, dim)), k.mean(dim=1)
+        # "eager" is not in the registry, so it falls back to the written-out attention above.
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, weights = attention(self, q, k, v, bias, scaling=q.shape[-1] ** -0.5, dropout=0.0)
+        return self.proj(out.reshape(batch, length, dim)), k.mean(dim=1), weights
 
 
 class LayerScale(nn.Module):
@@ -146,18 +177,27 @@ class MixMlp(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-LN ViT block, split in two halves so that the encoder can merge tokens between them."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, layer_scale: float, mix_ffn: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        layer_scale: float,
+        config: MergeVQConfig,
+        mix_ffn: bool = False,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)  # eps 1e-5, as the released timm blocks
-        self.attn = SelfAttention(dim, num_heads)
+        self.attn = SelfAttention(dim, num_heads, config)
         self.ls1 = LayerScale(dim, layer_scale)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = (MixMlp if mix_ffn else Mlp)(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, layer_scale)
 
-    def attention(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        out, keys = self.attn(self.norm1(x), bias)
-        return x + self.ls1(out), keys
+    def attention(self, x: torch.Tensor, bias: torch.Tensor | None = None):
+        """(x + attention, head-mean keys, attention weights or None): see :class:`SelfAttention`."""
+        out, keys, weights = self.attn(self.norm1(x), bias)
+        return x + self.ls1(out), keys, weights
 
     def feed_forward(self, x: torch.Tensor, grid_shape=None) -> torch.Tensor:
         return x + self.ls2(self.mlp(self.norm2(x), grid_shape))
@@ -166,12 +206,15 @@ class TransformerBlock(nn.Module):
 class TransformerStack(nn.Module):
     """The blocks, with the encoder's CLS token or the decoder's depthwise-conv position term."""
 
-    def __init__(self, dim, num_layers, num_heads, mlp_ratio, layer_scale, with_cls_token: bool, with_dw_conv: bool):
+    def __init__(
+        self, dim, num_layers, num_heads, mlp_ratio, layer_scale, config, with_cls_token: bool, with_dw_conv: bool
+    ):
         super().__init__()
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if with_cls_token else None
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if with_dw_conv else None
         self.blocks = nn.ModuleList(
-            TransformerBlock(dim, num_heads, mlp_ratio, layer_scale, mix_ffn=with_dw_conv) for _ in range(num_layers)
+            TransformerBlock(dim, num_heads, mlp_ratio, layer_scale, config, mix_ffn=with_dw_conv)
+            for _ in range(num_layers)
         )
 
 
@@ -183,7 +226,20 @@ def _cached_schedule(num_patches: int, num_kept: int, num_blocks: int, mode: str
     return tuple(merge_schedule(num_patches, num_kept, num_blocks, mode=mode, inflect=inflect))
 
 
-class MergeVQEncoder(nn.Module):
+class CheckpointedStack(nn.Module):
+    """A stack whose blocks recompute their activations in the backward pass once the model's
+    `activation_checkpointing_enable()` (formerly `gradient_checkpointing_enable()`) has set `gradient_checkpointing`
+    and `_gradient_checkpointing_func`, as transformers does on every module with that attribute."""
+
+    gradient_checkpointing = False
+
+    def _run(self, function, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(function, *args)
+        return function(*args)
+
+
+class MergeVQEncoder(CheckpointedStack):
     def __init__(self, config: MergeVQConfig):
         super().__init__()
         self.config = config
@@ -215,7 +271,7 @@ class MergeVQEncoder(nn.Module):
         )
         self.attn = TransformerStack(
             dim, config.num_hidden_layers, config.num_attention_heads, config.mlp_ratio,
-            config.layer_scale_init_value, with_cls_token=True, with_dw_conv=False,
+            config.layer_scale_init_value, config, with_cls_token=True, with_dw_conv=False,
         )
         self.norm_out = nn.GroupNorm(groups, dim, eps=1e-6)
         self.proj_out = nn.Linear(dim, config.codebook_bits)
@@ -244,8 +300,22 @@ class MergeVQEncoder(nn.Module):
             x = x + F.interpolate(self.position_embeddings, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return x
 
-    def forward(self, pixel_values: torch.Tensor, num_tokens: int | None):
-        """Returns (hidden [B,1+K,dim] with CLS first, source_map [B,L], token sizes [B,K]); `num_tokens=None` = no merge."""
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        num_tokens: int | None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ):
+        """
+        Returns (hidden [B,1+K,dim] with CLS first, source_map [B,L], token sizes [B,K], hidden_states, attentions);
+        `num_tokens=None` = no merge.
+
+        hidden_states (None unless asked): `num_hidden_layers + 1` tensors [B, 1+T, dim], the stem tokens with CLS
+        first, then every block's output; T shrinks as tokens merge, and the last one is `hidden` (canonical order).
+        attentions (None unless asked; eager attention only): every block's weights [B, heads, 1+T, 1+T], taken
+        before the block merges.
+        """
         features = self.stem(pixel_values)
         x = features.flatten(2).transpose(1, 2)
         num_patches = x.shape[1]
@@ -257,17 +327,27 @@ class MergeVQEncoder(nn.Module):
             if num_tokens is not None
             else (0,) * num_blocks
         )
+        hidden_states = [x] if output_hidden_states else None
+        attentions = [] if output_attentions else None
         for block, num_merged in zip(self.attn.blocks, schedule):
             merged_before = x.shape[1] < num_patches + 1
             bias = None
             if self.config.proportional_attention and merged_before:
                 bias = proportional_attention_bias(state.sizes).to(x.dtype)
-            x, keys = block.attention(x, bias)
+            x, keys, weights = self._run(block.attention, x, bias)
             if num_merged:
                 x, state = merge_tokens(x, keys, state, num_merged)
-            x = block.feed_forward(x)
+            x = self._run(block.feed_forward, x)
+            if output_hidden_states:
+                hidden_states.append(x)
+            if output_attentions:
+                attentions.append(weights)
         x, state = canonical_order(x, state)
-        return x, state.source_map, state.sizes[:, 1:, 0]
+        if output_hidden_states:
+            hidden_states[-1] = x
+            hidden_states = tuple(hidden_states)
+        attentions = tuple(attentions) if output_attentions else None
+        return x, state.source_map, state.sizes[:, 1:, 0], hidden_states, attentions
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Merged tokens (CLS dropped) -> pre-quantisation latents [B, K, bits]; group norm runs over the token axis."""
@@ -275,7 +355,7 @@ class MergeVQEncoder(nn.Module):
         return self.proj_out(tokens)
 
 
-class MergeVQDecoder(nn.Module):
+class MergeVQDecoder(CheckpointedStack):
     def __init__(self, config: MergeVQConfig):
         super().__init__()
         groups, ch, mults = config.norm_num_groups, config.base_channels, config.channel_multipliers
@@ -283,7 +363,7 @@ class MergeVQDecoder(nn.Module):
         self.conv_in = nn.Conv2d(config.codebook_bits, channels, 3, padding=1)
         self.attn = TransformerStack(
             channels, config.decoder_num_hidden_layers, config.decoder_num_attention_heads, config.mlp_ratio,
-            config.layer_scale_init_value, with_cls_token=False, with_dw_conv=True,
+            config.layer_scale_init_value, config, with_cls_token=False, with_dw_conv=True,
         )
         self.up = nn.ModuleList()
         self.adaptive = nn.ModuleList()
@@ -312,13 +392,13 @@ class MergeVQDecoder(nn.Module):
         x = x + self.attn.pos_embed(x)
         x = x.flatten(2).transpose(1, 2)
         for block in self.attn.blocks:
-            x, _ = block.attention(x)
-            x = block.feed_forward(x, grid_shape)
+            x, _, _ = self._run(block.attention, x)
+            x = self._run(block.feed_forward, x, grid_shape)
         x = x.transpose(1, 2).reshape(x.shape[0], -1, *grid_shape)
         for level in reversed(range(len(self.up))):
             x = self.adaptive[level](x, code_grid)
             for block in self.up[level].block:
-                x = block(x)
+                x = self._run(block, x)
             if hasattr(self.up[level], "upsample"):
                 x = self.up[level].upsample(x)
         return self.conv_out(F.silu(self.norm_out(x)))
@@ -336,6 +416,8 @@ class MergeVQEncoderOutput(ModelOutput):
     cls_token: [B, hidden] encoder CLS token after the last block.
     latents: [B, K, bits] pre-quantisation latents.
     token_sizes: [B, K] how many grid positions each merged token covers.
+    hidden_states, attentions: the encoder ViT's, with `output_hidden_states` / `output_attentions` (see
+        `MergeVQEncoder.forward`: T shrinks from L to K across the blocks).
     """
 
     indices: torch.LongTensor | None = None
@@ -344,6 +426,8 @@ class MergeVQEncoderOutput(ModelOutput):
     cls_token: torch.FloatTensor | None = None
     latents: torch.FloatTensor | None = None
     token_sizes: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -354,6 +438,7 @@ class MergeVQOutput(ModelOutput):
     reconstruction: [B, C, H, W] decoded pixels (unclamped).
     reconstruction_loss / entropy_loss / commitment_loss / alignment_loss / source_recovery_loss: unweighted terms;
         alignment needs `teacher_features`, source recovery needs `config.use_source_recovery`.
+    hidden_states, attentions: the encoder ViT's, as in `MergeVQEncoderOutput`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -370,9 +455,15 @@ class MergeVQOutput(ModelOutput):
     codes: torch.FloatTensor | None = None
     alignment_logits: torch.FloatTensor | None = None
     source_logits: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 # ---- the model --------------------------------------------------------------------------------------------------
+
+# How far pixels may stray outside [-1, 1] (resampling overshoot, low-precision rounding) before they are refused:
+# enough to catch 0..255 images, not to flag legitimately scaled ones.
+PIXEL_RANGE_TOLERANCE = 0.01
 
 
 class MergeVQPreTrainedModel(ClearCheckpointErrorsMixin, PreTrainedModel):
@@ -380,6 +471,12 @@ class MergeVQPreTrainedModel(ClearCheckpointErrorsMixin, PreTrainedModel):
     base_model_prefix = "mergevq"
     main_input_name = "pixel_values"
     _no_split_modules = ["TransformerBlock", "ResBlock"]
+    _supports_sdpa = True  # and "eager", which returns attention weights
+    supports_gradient_checkpointing = True
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The pixel stem's first layer (as vision models return their patch embedding; FSDP2 wrapping asks for it)."""
+        return self.encoder.conv_in
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -427,7 +524,8 @@ class MergeVQModel(MergeVQPreTrainedModel):
 
     # ---- input checks ----
 
-    def _check_pixel_values(self, pixel_values, name="pixel_values") -> tuple[int, int]:
+    def _check_pixel_values(self, pixel_values, name="pixel_values") -> tuple[torch.Tensor, int, int]:
+        """(pixels in the model's dtype, grid height, grid width); any floating dtype is accepted and cast."""
         if not isinstance(pixel_values, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor [B, {self.config.num_channels}, H, W], got {type(pixel_values).__name__}")
         if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
@@ -436,13 +534,66 @@ class MergeVQModel(MergeVQPreTrainedModel):
             )
         if not pixel_values.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor scaled to [-1, 1], got dtype {pixel_values.dtype}")
+        if pixel_values.shape[0] == 0:
+            raise ValueError(f"{name} is an empty batch; pass at least one image")
         stride = self.config.stem_stride
         height, width = pixel_values.shape[-2:]
         if height == 0 or width == 0 or height % stride or width % stride:
             raise ValueError(f"{name} height and width must be positive multiples of {stride} (the stem stride), got {height}x{width}")
         if not torch.isfinite(pixel_values).all():
             raise ValueError(f"{name} contains NaN or infinite values")
-        return height // stride, width // stride
+        low, high = pixel_values.aminmax()
+        if low < -1 - PIXEL_RANGE_TOLERANCE or high > 1 + PIXEL_RANGE_TOLERANCE:
+            raise ValueError(
+                f"{name} must be scaled to [-1, 1] (e.g. x / 127.5 - 1 for 8-bit images), got values in "
+                f"[{float(low):.4g}, {float(high):.4g}]"
+            )
+        return pixel_values.to(self.dtype), height // stride, width // stride
+
+    def _check_grid_shape(self, grid_shape) -> tuple[int, int]:
+        if grid_shape is None:
+            return self.config.grid_size, self.config.grid_size
+        if (
+            not isinstance(grid_shape, (tuple, list))
+            or len(grid_shape) != 2
+            or any(isinstance(side, bool) or not isinstance(side, int) or side < 1 for side in grid_shape)
+        ):
+            raise ValueError(
+                f"grid_shape must be a pair of positive integers (height, width) in tokens, got {grid_shape!r}"
+            )
+        return tuple(grid_shape)
+
+    @staticmethod
+    def _check_index_tensor(tensor, name: str, shape: str) -> None:
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{name} must be an integer tensor {shape}, got {type(tensor).__name__}")
+        if tensor.ndim != 2 or tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+            raise ValueError(
+                f"{name} must be an integer tensor {shape}, got shape {tuple(tensor.shape)} of dtype {tensor.dtype}"
+            )
+        if tensor.shape[0] == 0 or tensor.shape[1] == 0:
+            raise ValueError(f"{name} must be a non-empty tensor {shape}, got shape {tuple(tensor.shape)}")
+
+    def _check_source_map(self, source_map, batch: int, num_tokens: int, grid: tuple[int, int]) -> None:
+        self._check_index_tensor(source_map, "source_map", "[B, L]")
+        num_positions = grid[0] * grid[1]
+        if source_map.shape != (batch, num_positions):
+            raise ValueError(
+                f"source_map must have shape [B, L] = [{batch}, {num_positions}] to match the tokens and the "
+                f"{grid[0]}x{grid[1]} grid, got {tuple(source_map.shape)}"
+            )
+        low, high = source_map.long().aminmax()
+        if low < 0 or high >= num_tokens:
+            raise ValueError(f"source_map values must index the K = {num_tokens} tokens, i.e. lie in [0, {num_tokens})")
+
+    def _recording(self, output_hidden_states, output_attentions) -> tuple[bool, bool]:
+        """Resolve the encoder's `output_*` flags against the config (attention weights need eager attention)."""
+        check_attention_outputs(self.config, output_attentions)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        return bool(output_hidden_states), bool(output_attentions)
 
     @staticmethod
     def _check_num_tokens(num_tokens, num_patches: int) -> int:
@@ -456,29 +607,57 @@ class MergeVQModel(MergeVQPreTrainedModel):
 
     # ---- public API ----
 
-    def _encode(self, pixel_values, num_tokens):
-        grid_h, grid_w = self._check_pixel_values(pixel_values)
+    def _encode(self, pixel_values, num_tokens, output_hidden_states=False, output_attentions=False):
+        pixel_values, grid_h, grid_w = self._check_pixel_values(pixel_values)
         num_patches = grid_h * grid_w
         num_tokens = self.config.num_tokens if num_tokens is None else num_tokens
         num_tokens = self._check_num_tokens(num_tokens, num_patches)
-        hidden, source_map, sizes = self.encoder(pixel_values, num_tokens)
-        return self.encoder.project(hidden), hidden[:, 0], source_map, sizes
+        hidden, source_map, sizes, hidden_states, attentions = self.encoder(
+            pixel_values, num_tokens, output_hidden_states, output_attentions
+        )
+        return self.encoder.project(hidden), hidden[:, 0], source_map, sizes, hidden_states, attentions
 
-    def encode(self, pixel_values: torch.Tensor, num_tokens: int | None = None) -> MergeVQEncoderOutput:
-        """Merge to `num_tokens` (default `config.num_tokens`; K = L means no merging) and quantise."""
-        latents, cls, source_map, sizes = self._encode(pixel_values, num_tokens)
+    @apply_forward_hook
+    def encode(
+        self,
+        pixel_values: torch.Tensor,
+        num_tokens: int | None = None,
+        *,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+    ) -> MergeVQEncoderOutput:
+        """Merge to `num_tokens` (default `config.num_tokens`; K = L means no merging) and quantise.
+
+        `pixel_values` [B, C, H, W] must be scaled to [-1, 1]; any floating dtype is cast to the model's dtype.
+        `output_hidden_states` / `output_attentions` add the encoder ViT's states / weights (see
+        `MergeVQEncoder.forward`; weights need eager attention).
+        """
+        recording = self._recording(output_hidden_states, output_attentions)
+        latents, cls, source_map, sizes, hidden_states, attentions = self._encode(pixel_values, num_tokens, *recording)
         quantized = self.quantize(latents, compute_losses=False)
         return MergeVQEncoderOutput(
             indices=quantized.indices, source_map=source_map, codes=quantized.codes, cls_token=cls,
-            latents=latents, token_sizes=sizes,
+            latents=latents, token_sizes=sizes, hidden_states=hidden_states, attentions=attentions,
         )
 
     def decode_codes(self, codes: torch.Tensor, source_map: torch.Tensor, grid_shape: tuple[int, int] | None = None):
-        """Differentiable decode from codes [B, K, bits] and the source map [B, L]."""
-        grid_h, grid_w = grid_shape or (self.config.grid_size, self.config.grid_size)
-        full = unmerge(codes, source_map)  # [B, L, bits]: every position gets its parent's code
+        """Differentiable decode from codes [B, K, bits] (floating, e.g. {-1, +1}) and the source map [B, L]."""
+        grid_h, grid_w = self._check_grid_shape(grid_shape)
+        bits = self.config.codebook_bits
+        if not isinstance(codes, torch.Tensor):
+            raise ValueError(f"codes must be a floating-point tensor [B, K, {bits}], got {type(codes).__name__}")
+        if codes.ndim != 3 or codes.shape[-1] != bits or not codes.is_floating_point():
+            raise ValueError(
+                f"codes must be a floating-point tensor [B, K, {bits}], got shape {tuple(codes.shape)} of dtype "
+                f"{codes.dtype}"
+            )
+        if codes.shape[0] == 0 or codes.shape[1] == 0:
+            raise ValueError(f"codes must be a non-empty tensor [B, K, {bits}], got shape {tuple(codes.shape)}")
+        self._check_source_map(source_map, codes.shape[0], codes.shape[1], (grid_h, grid_w))
+        full = unmerge(codes.to(self.dtype), source_map.long())  # [B, L, bits]: every position gets its parent's code
         return self.decoder(full.transpose(1, 2).reshape(codes.shape[0], -1, grid_h, grid_w))
 
+    @apply_forward_hook
     def decode(
         self, indices: torch.Tensor, source_map: torch.Tensor | None = None, grid_shape: tuple[int, int] | None = None
     ) -> torch.Tensor:
@@ -487,10 +666,9 @@ class MergeVQModel(MergeVQPreTrainedModel):
         arguments. `source_map=None` means the indices already cover every grid position (K = L, raster order), as
         MergeAR's output does. `grid_shape` defaults to the config's square grid.
         """
-        grid_h, grid_w = grid_shape or (self.config.grid_size, self.config.grid_size)
+        grid_h, grid_w = self._check_grid_shape(grid_shape)
         num_positions = grid_h * grid_w
-        if not isinstance(indices, torch.Tensor) or indices.ndim != 2 or indices.is_floating_point():
-            raise ValueError(f"indices must be an integer tensor [B, K], got {getattr(indices, 'shape', type(indices))}")
+        self._check_index_tensor(indices, "indices", "[B, K]")
         batch, num_tokens = indices.shape
         if source_map is None:
             if num_tokens != num_positions:
@@ -498,50 +676,71 @@ class MergeVQModel(MergeVQPreTrainedModel):
                     f"without a source_map, indices must cover all {num_positions} grid positions, got K = {num_tokens}"
                 )
             source_map = torch.arange(num_positions, device=indices.device).expand(batch, -1)
-        if not isinstance(source_map, torch.Tensor) or source_map.is_floating_point() or source_map.dtype == torch.bool:
-            raise ValueError("source_map must be an integer tensor [B, L]")
-        if source_map.shape != (batch, num_positions):
-            raise ValueError(
-                f"source_map must have shape [B, L] = [{batch}, {num_positions}] to match indices and the "
-                f"{grid_h}x{grid_w} grid, got {tuple(source_map.shape)}"
-            )
-        if source_map.numel() and (source_map.min() < 0 or source_map.max() >= num_tokens):
-            raise ValueError(f"source_map values must index the K = {num_tokens} tokens of indices, i.e. lie in [0, {num_tokens})")
+        self._check_source_map(source_map, batch, num_tokens, (grid_h, grid_w))  # before the codes: a clearer error
         codes = self.quantize.indices_to_codes(indices, dtype=self.dtype)
-        return self.decode_codes(codes, source_map.long(), (grid_h, grid_w)).clamp(-1, 1)
+        return self.decode_codes(codes, source_map, (grid_h, grid_w)).clamp(-1, 1)
 
+    @apply_forward_hook
     def predict_source_map(self, indices: torch.Tensor) -> torch.Tensor:
         """The learned source recovery's source map [B, L] for `indices` [B, K] whose merge map is unknown."""
         if self.source_recovery is None:
             raise ValueError("this model was built with use_source_recovery=False")
+        self._check_index_tensor(indices, "indices", "[B, K]")
+        if indices.shape[1] > self.config.num_patches:
+            raise ValueError(
+                f"indices must hold K <= L = {self.config.num_patches} tokens (the source recovery's grid), "
+                f"got K = {indices.shape[1]}"
+            )
         return self.source_recovery.predict(self.quantize.indices_to_codes(indices, dtype=self.dtype))
 
-    def get_image_features(self, pixel_values: torch.Tensor, pooling: str = "cls") -> torch.Tensor:
-        """Representation for probes: all L tokens, no merging; `pooling` is "cls" (CLS token) or "mean" (tokens)."""
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        pooling: str = "cls",
+        *,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+    ) -> BaseModelOutputWithPooling:
+        """
+        Representation for probes: all L tokens, no merging. `pooler_output` [B, hidden] is the feature, the CLS
+        token (`pooling="cls"`) or the mean of the L tokens (`"mean"`); `last_hidden_state` [B, 1 + L, hidden] holds
+        CLS first, then the tokens. `return_dict=False` returns a tuple.
+        """
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
-        self._check_pixel_values(pixel_values)
-        hidden, _, _ = self.encoder(pixel_values, None)
-        return hidden[:, 0] if pooling == "cls" else hidden[:, 1:].mean(dim=1)
+        recording = self._recording(output_hidden_states, output_attentions)
+        pixel_values, _, _ = self._check_pixel_values(pixel_values)
+        hidden, _, _, hidden_states, attentions = self.encoder(pixel_values, None, *recording)
+        pooled = hidden[:, 0] if pooling == "cls" else hidden[:, 1:].mean(dim=1)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=hidden, pooler_output=pooled, hidden_states=hidden_states, attentions=attentions
+        )
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         num_tokens: int | None = None,
         teacher_features: torch.Tensor | None = None,
         alignment_pixel_values: torch.Tensor | None = None,
-        return_dict: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> MergeVQOutput | tuple:
         """
         Encode to `num_tokens`, decode through the true source map, and compute the losses.
 
+        pixel_values: [B, C, H, W] scaled to [-1, 1]; any floating dtype is cast to the model's dtype.
         teacher_features: [B, alignment_dim] frozen-teacher targets; when given, the CLS of a second encoder pass on
             `alignment_pixel_values` (or of this pass when None) is aligned to them (KL at `alignment_temperature`).
             The second pass merges as many tokens as the first (L' - (L - K), at least 1 kept).
+        output_hidden_states / output_attentions: the encoder ViT's states / weights of this pass (see
+            `MergeVQEncoder.forward`; weights need eager attention).
+        return_dict: `False` returns a tuple.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         config = self.config
-        latents, cls, source_map, _ = self._encode(pixel_values, num_tokens)  # validates pixel_values
+        recording = self._recording(output_hidden_states, output_attentions)
+        latents, cls, source_map, _, hidden_states, attentions = self._encode(pixel_values, num_tokens, *recording)
         grid_h, grid_w = (side // config.stem_stride for side in pixel_values.shape[-2:])
         quantized = self.quantize(latents)
         reconstruction = self.decode_codes(quantized.codes, source_map, (grid_h, grid_w))
@@ -571,18 +770,20 @@ class MergeVQModel(MergeVQPreTrainedModel):
             batch_entropy=quantized.batch_entropy, commitment_loss=quantized.commitment_loss,
             alignment_loss=alignment_loss, source_recovery_loss=source_recovery_loss, indices=quantized.indices,
             source_map=source_map, codes=quantized.codes, alignment_logits=alignment_logits,
-            source_logits=source_logits,
+            source_logits=source_logits, hidden_states=hidden_states, attentions=attentions,
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
     def _alignment_logits(self, cls, alignment_pixel_values, num_merged, batch_size):
         if self.encoder.dist_head is None:
             raise ValueError("teacher_features were given but this model has alignment_head='none'")
         if alignment_pixel_values is not None:
-            grid_h, grid_w = self._check_pixel_values(alignment_pixel_values, "alignment_pixel_values")
+            alignment_pixel_values, grid_h, grid_w = self._check_pixel_values(
+                alignment_pixel_values, "alignment_pixel_values"
+            )
             if alignment_pixel_values.shape[0] != batch_size:
                 raise ValueError("alignment_pixel_values must have the same batch size as pixel_values")
-            hidden, _, _ = self.encoder(alignment_pixel_values, max(1, grid_h * grid_w - num_merged))
+            hidden, _, _, _, _ = self.encoder(alignment_pixel_values, max(1, grid_h * grid_w - num_merged))
             cls = hidden[:, 0]
         return self.encoder.dist_head(cls)
 
@@ -595,6 +796,8 @@ class MergeVQModel(MergeVQPreTrainedModel):
                 f"teacher_features must be a tensor [B, alignment_dim] = [{student_logits.shape[0]}, "
                 f"{self.config.alignment_dim}], got {getattr(teacher_features, 'shape', type(teacher_features))}"
             )
+        if not torch.isfinite(teacher_features).all():
+            raise ValueError("teacher_features contains NaN or infinite values")
         temperature = self.config.alignment_temperature
         teacher = F.softmax(teacher_features.float() / temperature, dim=-1)
         student = F.log_softmax(student_logits.float() / temperature, dim=-1)

@@ -31,18 +31,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, TopKLogitsWarper, TopPLogitsWarper
+from transformers import AutoConfig, AutoModel, TopKLogitsWarper, TopPLogitsWarper
 # diffusers finds a component's loading method by looking `PreTrainedModel` up in the component's own module.
 from transformers import PreTrainedModel  # noqa: F401
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
 # diffusers' remote-code loader copies only the sibling files a component's module imports directly (one level,
 # not transitively), so the siblings that modeling_mergear and configuration_randar need are named here as well.
 from .cache_mergear import MergeARCache  # noqa: F401
+from .checkpoint_errors import ClearCheckpointErrorsMixin  # noqa: F401
+from .config_checks import check_attention_outputs
 from .configuration_mergear import MergeARConfig  # noqa: F401
 from .configuration_randar import MergeRandARConfig
+from .generation_mergear import MergeARSampler  # noqa: F401
 from .modeling_mergear import (
     NUM_PREFIX,
     MergeARDecoderLayer,
@@ -52,6 +56,7 @@ from .modeling_mergear import (
     rotary_2d,
 )
 from .quantization_lfq import split_indices
+from .sampling_utils import sample_rows
 
 IGNORE_INDEX = -100  # padding of `labels` / `token_positions` when a batch mixes several K
 
@@ -67,6 +72,8 @@ class MergeRandAROutput(ModelOutput):
     low_logits, high_logits: training entry with a factorised head: ``[N, 2**low_bits]``, ``[N, 2**high_bits]``.
     position_logits: ``[B, T, L]`` (generation entry) or ``[B, K_max, L]`` (training entry; padded steps included).
     cache: the cache of the generation entry.
+    hidden_states, attentions: the backbone's, with ``output_hidden_states`` / ``output_attentions`` (see
+        :meth:`MergeRandARModel.forward`).
     """
 
     loss: torch.FloatTensor | None = None
@@ -77,6 +84,8 @@ class MergeRandAROutput(ModelOutput):
     high_logits: torch.FloatTensor | None = None
     position_logits: torch.FloatTensor | None = None
     cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -141,11 +150,24 @@ class MergeRandARModel(MergeRandARPreTrainedModel):
         position = self.embed_position((input_ids - self.position_base).clamp(0, length - 1))
         return torch.where((input_ids >= self.position_base)[..., None], position, embedded)
 
-    def forward(self, input_ids, grid_positions, cache: Cache | None = None) -> BaseModelOutputWithPast:
+    @capture_outputs
+    def forward(
+        self,
+        input_ids,
+        grid_positions,
+        cache: Cache | None = None,
+        *,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> BaseModelOutputWithPast:
         r"""
         input_ids: ``[B, q]`` mixed ids (module docstring). grid_positions: ``[B, q]`` grid position whose 2-D RoPE
         each token gets (use 0, i.e. no rotation, for the prefix). cache: a ``Cache`` holding the tokens before.
+        output_hidden_states: also return the ``num_hidden_layers + 1`` states ``[B, q, d]`` (embeddings, then every
+        layer's output, the last one after the final norm); output_attentions: every layer's attention weights
+        ``[B, H, q, kv]`` (eager attention only); return_dict: ``False`` returns a tuple.
         """
+        check_attention_outputs(self.config, output_attentions)
         if input_ids.dim() != 2 or grid_positions.shape != input_ids.shape:
             raise ValueError(
                 f"input_ids and grid_positions must both be [batch, length], got {tuple(input_ids.shape)} and "
@@ -163,11 +185,13 @@ class MergeRandARModel(MergeRandARPreTrainedModel):
         hidden_states = self.token_dropout(self.embed(input_ids))
         rotary = rotary_2d(grid_positions + NUM_PREFIX, self.config, hidden_states.dtype)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, rotary, mask, cache)
+            hidden_states = layer(hidden_states, rotary=rotary, attention_mask=mask, cache=cache)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states))
 
 
-def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.LongTensor:
+def _sample(probs: torch.Tensor, generator) -> torch.LongTensor:
+    if isinstance(generator, (list, tuple)):  # one generator per row: each image draws from its own stream
+        return sample_rows(probs, generator)
     # A generator may live on another device than the model (e.g. a CPU generator with a GPU model).
     device = generator.device if generator is not None else probs.device
     return torch.multinomial(probs.to(device), 1, generator=generator)[:, 0].to(probs.device)
@@ -296,6 +320,7 @@ class MergeRandARForCausalLM(MergeRandARPreTrainedModel):
 
     # ---- forward -----------------------------------------------------------------------------------------------
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -306,6 +331,8 @@ class MergeRandARForCausalLM(MergeRandARPreTrainedModel):
         token_positions: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
         past_key_values: Cache | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
     ) -> MergeRandAROutput:
         r"""
         Two entries:
@@ -315,7 +342,11 @@ class MergeRandARForCausalLM(MergeRandARPreTrainedModel):
           ``code_loss``, ``position_loss`` and the logits (see :class:`MergeRandAROutput`).
         * step-wise: ``input_ids`` and ``grid_positions`` ``[B, q]`` (see :meth:`build_sequence`) with an optional
           cache; returns code ``logits`` and ``position_logits`` for the last ``logits_to_keep`` tokens (0 = all).
+
+        ``output_hidden_states`` / ``output_attentions`` add the backbone's states and attention weights over the
+        sequence it ran; ``return_dict=False`` returns a tuple.
         """
+        recorded = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         cache = cache if cache is not None else past_key_values
         if labels is not None or token_positions is not None:
             if input_ids is not None or grid_positions is not None:
@@ -323,7 +354,8 @@ class MergeRandARForCausalLM(MergeRandARPreTrainedModel):
             if class_labels is None or labels is None or token_positions is None:
                 raise ValueError("The training entry needs class_labels, labels and token_positions together.")
             input_ids, grid_positions = self.build_sequence(class_labels, labels, token_positions)
-            hidden_states = self.model(input_ids, grid_positions).last_hidden_state
+            outputs = self.model(input_ids, grid_positions, **recorded)
+            hidden_states = outputs.last_hidden_state
             valid = labels.to(self.device) != IGNORE_INDEX
             code_loss, code_logits = self._code_loss(hidden_states[:, 2::2][valid], labels.to(self.device)[valid])
             # p_1 is read at M(K) (index 1), p_{n+1} at P(p_n) (index 2n).
@@ -333,15 +365,17 @@ class MergeRandARForCausalLM(MergeRandARPreTrainedModel):
             loss = code_loss + self.config.position_loss_weight * position_loss
             return MergeRandAROutput(
                 loss=loss, code_loss=code_loss, position_loss=position_loss, position_logits=position_logits,
-                **code_logits,
+                hidden_states=outputs.hidden_states, attentions=outputs.attentions, **code_logits,
             )
         if class_labels is not None:
             raise ValueError("class_labels needs labels and token_positions (generation goes through generate()).")
         if input_ids is None or grid_positions is None:
             raise ValueError("Pass input_ids and grid_positions, or class_labels + labels + token_positions.")
-        hidden_states = self.model(input_ids, grid_positions, cache=cache).last_hidden_state[:, -logits_to_keep:]
+        outputs = self.model(input_ids, grid_positions, cache=cache, **recorded)
+        hidden_states = outputs.last_hidden_state[:, -logits_to_keep:]
         return MergeRandAROutput(
-            logits=self.logits(hidden_states), position_logits=self.position_head(hidden_states), cache=cache
+            logits=self.logits(hidden_states), position_logits=self.position_head(hidden_states), cache=cache,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
         )
 
     # ---- generation --------------------------------------------------------------------------------------------
@@ -386,9 +420,9 @@ class MergeRandARForCausalLM(MergeRandARPreTrainedModel):
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         output_scores: bool = False,
-        callback: Callable[[int], None] | None = None,
+        callback: Callable[[int, torch.LongTensor], torch.LongTensor | None] | None = None,
     ) -> MergeRandARGenerationOutput:
         r"""
         Generate K merged tokens per class label, one (position, code) pair per step, with a ``DynamicCache``.
@@ -405,9 +439,11 @@ class MergeRandARForCausalLM(MergeRandARPreTrainedModel):
                 ``cfg_scale`` at the last.
             do_sample, temperature, top_k, top_p: sampling of the codes (after guidance); greedy when
                 ``do_sample=False``.
-            generator: a ``torch.Generator`` for every random draw (positions and codes).
+            generator: a ``torch.Generator`` for every random draw (positions and codes), or a list of one per row
+                (row i's positions and codes then come from ``generator[i]`` alone, whatever the batch).
             output_scores: also return the per-step code logits.
-            callback: called with the step index after every step (e.g. a progress bar).
+            callback: called after every step with the step index and the ``[B]`` codes just drawn (e.g. a progress
+                bar); a returned ``[B]`` tensor replaces those codes (the next step reads it).
         """
         self._check_sampling(cfg_scale, cfg_schedule, temperature, top_k, top_p)
         class_ids = self._class_ids(class_labels)
@@ -463,10 +499,11 @@ class MergeRandARForCausalLM(MergeRandARPreTrainedModel):
                 code = _sample(logits.softmax(-1), generator)
             else:
                 code = logits.argmax(-1)
+            if callback is not None:
+                replacement = callback(step, code)
+                code = code if replacement is None else replacement
             chosen.append(position)
             codes.append(code)
-            if callback is not None:
-                callback(step)
 
         generation_order, codes = torch.stack(chosen, 1), torch.stack(codes, 1)
         sorted_positions, permutation = generation_order.sort(dim=1)
@@ -479,15 +516,16 @@ class MergeRandARForCausalLM(MergeRandARPreTrainedModel):
         )
 
 
+# `AutoModel`, not `AutoModelForCausalLM`: this model generates with its own loop (a position and a code per step),
+# not through `GenerationMixin`, so it is not a causal LM in transformers' sense.
 MergeRandARConfig.register_for_auto_class()
-MergeRandARForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+MergeRandARForCausalLM.register_for_auto_class("AutoModel")
 
 
 def register_randar_auto_classes() -> None:
-    """Register MergeRandAR with AutoConfig / AutoModel / AutoModelForCausalLM (idempotent)."""
+    """Register MergeRandAR with AutoConfig / AutoModel (idempotent); ``AutoModel`` gives the full model."""
     AutoConfig.register("mergevq_randar", MergeRandARConfig, exist_ok=True)
-    AutoModel.register(MergeRandARConfig, MergeRandARModel, exist_ok=True)
-    AutoModelForCausalLM.register(MergeRandARConfig, MergeRandARForCausalLM, exist_ok=True)
+    AutoModel.register(MergeRandARConfig, MergeRandARForCausalLM, exist_ok=True)
 
 
 __all__ = [

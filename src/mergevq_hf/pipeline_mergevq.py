@@ -1,24 +1,25 @@
 """MergeVQPipeline: class-conditional image generation (MergeAR or MergeRandAR) and tokenizer round trips (MergeVQ).
 
 This file is copied verbatim to the root of a Hub export (see `mergevq_hf.hub.export_for_hub`), where it is loaded
-with `trust_remote_code=True` and the package is not installed. It therefore imports nothing from the package: the
-two components are used through their public methods and configs only.
+with `trust_remote_code=True` and the package is not installed. It therefore imports only flat sibling modules
+(`from .image_processing_mergevq import ...`), which the export and diffusers' remote-code loader copy along; the two
+components are used through their public methods and configs only.
 """
 
 import os
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from numbers import Integral, Real
 
 import numpy as np
-import PIL.Image
 import torch
-import torch.nn.functional as F
 from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from .image_processing_mergevq import MergeVQImageProcessor
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 GUIDANCE_SCHEDULES = ("constant", "linear")
@@ -50,15 +51,28 @@ class MergeVQReconstructionOutput(BaseOutput):
     source_maps: torch.LongTensor
 
 
-class _ProgressTicker(LogitsProcessor):
-    """Advances a progress bar once per decoding step; leaves the scores untouched."""
+class _AfterEachStep(StoppingCriteria):
+    """Runs after each decoding step of either generator: advances the progress bar and calls the pipeline's step
+    callback, whose replacement codes are written where the next step reads them.
 
-    def __init__(self, bar):
-        self.bar = bar
+    MergeAR's `generate` calls it as a stopping criterion (it never stops generation: the length does); the newest
+    token of `input_ids` has no key/value entry yet, so replacing it in place changes what the next step sees.
+    MergeRandAR's loop calls `after_step` through its `callback` and uses the codes it returns.
+    """
 
-    def __call__(self, input_ids, scores):
+    def __init__(self, bar, step_callback):
+        self.bar, self.step_callback, self.step = bar, step_callback, 0
+
+    def __call__(self, input_ids, scores=None, **kwargs):
+        input_ids[:, -1] = self.after_step(input_ids[:, -1])
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def after_step(self, next_tokens):
         self.bar.update(1)
-        return scores
+        if self.step_callback is not None:
+            next_tokens = self.step_callback(self.step, next_tokens)
+        self.step += 1
+        return next_tokens
 
 
 def _is_int(value) -> bool:
@@ -87,6 +101,11 @@ class MergeVQPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "transformer->vq_model"
+    # What `callback_on_step_end` may read (and replace) after each decoding step: the [N] codes just sampled.
+    _callback_tensor_inputs = ["next_tokens"]
+    # Images per call, checked before any work. Each image keeps its own KV cache (two with guidance); above this a
+    # call should be split by the caller rather than risk an out-of-memory failure halfway.
+    max_batch_size = 256
 
     def __init__(self, vq_model, transformer):
         super().__init__()
@@ -103,6 +122,27 @@ class MergeVQPipeline(DiffusionPipeline):
                 "was built with use_source_recovery=False"
             )
         self.register_modules(vq_model=vq_model, transformer=transformer)
+        self.image_processor = self._image_processor_for(vq_model)
+
+    @staticmethod
+    def _image_processor_for(vq_model) -> MergeVQImageProcessor:
+        """The `preprocessor_config.json` saved next to the tokenizer's weights, else the default for its config."""
+        folder = getattr(vq_model, "name_or_path", "")
+        if folder and os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
+            processor = MergeVQImageProcessor.from_pretrained(folder)
+            if processor.image_size != vq_model.config.image_size:
+                raise ValueError(
+                    f"{folder}/preprocessor_config.json has image_size={processor.image_size} but the tokenizer "
+                    f"expects {vq_model.config.image_size}x{vq_model.config.image_size} images"
+                )
+            return processor
+        return MergeVQImageProcessor.from_model_config(vq_model.config)
+
+    @property
+    def num_timesteps(self) -> int:
+        """Decoding steps of the current (or last) call: L in raster mode, K in random mode. diffusers' step
+        callbacks (`PipelineCallback` with `cutoff_step_ratio`) read it."""
+        return self._num_timesteps
 
     @property
     def generation_mode(self) -> str:
@@ -122,16 +162,21 @@ class MergeVQPipeline(DiffusionPipeline):
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("next_tokens",),
+        token_budget: bool = False,
     ):
         r"""
         Generate `num_images_per_class` images for each class id in `class_labels` (grouped by class, in order).
 
         Args:
-            class_labels: an int, a list of ints or a 1-D integer tensor of class ids in `[0, num_classes)`.
-            num_images_per_class: images sampled per class id.
+            class_labels: an int, a list of ints, or a 1-D integer tensor or numpy array of class ids in
+                `[0, num_classes)` (numpy integers count as ints).
+            num_images_per_class: images sampled per class id; the batch `len(class_labels) * num_images_per_class`
+                may not exceed `max_batch_size` (256).
             num_tokens: K, the number of distinct merged tokens the generator is told to produce (the merge
                 instruction); default `transformer.config.default_num_tokens`; must lie in `[1, L]`.
             guidance_scale: classifier-free guidance scale `s` (logits `u + s (c - u)`, one batched forward per step);
@@ -139,13 +184,31 @@ class MergeVQPipeline(DiffusionPipeline):
             guidance_schedule: `"constant"`, or `"linear"` (random mode only, as RandAR): the scale rises from 1 at
                 the first generated token to `guidance_scale` at the last.
             temperature, top_k, top_p: sampling controls applied after guidance (`top_k=None` or 0 and
-                `top_p=None` or 1.0 disable the filters).
-            generator: a `torch.Generator` that seeds the sampling (same seed, same images on the same device).
-                `generate` has no generator argument, so the global RNG is seeded from it inside `fork_rng`: the
-                caller's global RNG state is left untouched.
+                `top_p=None` or 1.0 disable the filters). A MergeAR with a factorised head samples each code per
+                sub-token (its low bits, then its high bits given them), and the filters act on each sub-token:
+                `top_k=k` keeps the k most likely low values, then the k most likely high values given the drawn
+                low value; `top_p` keeps the p-mass of each.
+            generator: what seeds the sampling. Every image draws from its own `torch.Generator`, so an image does
+                not depend on the others in its batch:
+                - a list of `N` generators (one per image, N = the batch size): image i comes from `generator[i]`;
+                  `pipe(7, generator=[g])` reproduces image i of a grid made with `generator=[..., g, ...]`.
+                - one generator: image i's generator is seeded with the i-th number drawn from it, so with equally
+                  seeded generators image i comes out the same (same class and settings) whatever the batch size.
+                - None: as one generator, but the numbers come from torch's global RNG.
+                The caller's global RNG state is left untouched when a generator is given.
             output_type: `"pil"` (list of PIL images), `"np"` (float32 `[N, H, W, 3]` in [0, 1]) or `"pt"`
                 (float32 `[N, 3, H, W]` in [0, 1]).
             return_dict: return an `ImagePipelineOutput` (else a one-element tuple).
+            callback_on_step_end: called after each decoding step as `callback_on_step_end(pipe, step, timestep,
+                callback_kwargs)` (diffusers' convention; `timestep` is the step index too). `callback_kwargs` holds
+                the tensors named in `callback_on_step_end_tensor_inputs`: `next_tokens`, the `[N]` codes just
+                sampled. Return a dict (or None); a `next_tokens` in it replaces the sampled codes, which the next
+                step then reads.
+            callback_on_step_end_tensor_inputs: names from `_callback_tensor_inputs` to pass to the callback.
+            token_budget: raster mode (MergeAR): make the merge instruction hold, i.e. once an image has produced K
+                distinct codes it may only repeat them (its cache then holds at most 2 + K + W entries). Off by
+                default: on the bundled model it lowers sample quality (benchmarks/RESULTS.md). Random mode always
+                produces exactly K tokens.
 
         A progress bar advances once per decoding step (L steps in raster mode, K in random mode); configure it
         with `set_progress_bar_config`.
@@ -155,53 +218,109 @@ class MergeVQPipeline(DiffusionPipeline):
             raise ValueError(f"num_images_per_class must be a positive integer, got {num_images_per_class!r}")
         num_tokens = self._check_num_tokens(num_tokens, self.transformer.config.default_num_tokens)
         cfg_scale = self._check_sampling(guidance_scale, temperature, top_k, top_p)
+        if not isinstance(token_budget, bool):
+            raise ValueError(f"token_budget must be True or False, got {token_budget!r}")
         if guidance_schedule not in GUIDANCE_SCHEDULES:
             raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
         if guidance_schedule != "constant" and self.generation_mode != "random":
             raise ValueError("guidance_schedule='linear' needs a random-order (MergeRandAR) transformer")
         self._check_output_type(output_type)
-        if generator is not None and not isinstance(generator, torch.Generator):
+        batch_size = len(labels) * num_images_per_class
+        if batch_size > self.max_batch_size:
             raise ValueError(
-                f"generator must be a single torch.Generator (all images are sampled as one batch), got "
-                f"{type(generator).__name__}"
+                f"{len(labels)} class ids x {num_images_per_class} images per class = {batch_size} images, more than "
+                f"max_batch_size = {self.max_batch_size} per call; split the call into smaller ones"
             )
+        generators = self._row_generators(generator, batch_size)
+        step_callback = self._step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
 
-        labels = labels.repeat_interleave(num_images_per_class).to(self.transformer.device)
-        if self.generation_mode == "random":
-            with self.progress_bar(total=num_tokens) as bar, self._seeded(generator):
+        device = self._execution_device
+        labels = labels.repeat_interleave(num_images_per_class).to(device)
+        random_order = self.generation_mode == "random"
+        self._num_timesteps = num_tokens if random_order else self.transformer.config.num_image_tokens
+        if random_order:
+            with self.progress_bar(total=self.num_timesteps) as bar:
+                hook = _AfterEachStep(bar, step_callback)
                 generated = self.transformer.generate(
                     class_labels=labels, num_tokens=num_tokens, cfg_scale=cfg_scale, cfg_schedule=guidance_schedule,
-                    temperature=float(temperature), top_k=top_k or 0, top_p=None if top_p is None else float(top_p),
-                    callback=lambda step: bar.update(1),
+                    temperature=float(temperature), top_k=int(top_k or 0),
+                    top_p=None if top_p is None else float(top_p),
+                    generator=generators, callback=lambda step, codes: hook.after_step(codes),
                 )
-            codes = generated.image_tokens.to(self.vq_model.device)
+            codes = generated.image_tokens.to(device)
             images = self.vq_model.decode(codes, self.vq_model.predict_source_map(codes))
-            images = self._postprocess(images, output_type)
+            images = self.image_processor.postprocess(images, output_type)
             self.maybe_free_model_hooks()
             return ImagePipelineOutput(images=images) if return_dict else (images,)
-        with self.progress_bar(total=self.transformer.config.num_image_tokens) as bar, self._seeded(generator):
+        with self.progress_bar(total=self.num_timesteps) as bar:
             sequences = self.transformer.generate(
                 class_labels=labels, num_tokens=num_tokens, cfg_scale=cfg_scale, do_sample=True,
-                temperature=float(temperature), top_k=top_k or 0, top_p=1.0 if top_p is None else float(top_p),
-                logits_processor=LogitsProcessorList([_ProgressTicker(bar)]),
+                temperature=float(temperature), top_k=int(top_k or 0), top_p=1.0 if top_p is None else float(top_p),
+                token_budget=token_budget, generators=generators,
+                stopping_criteria=StoppingCriteriaList([_AfterEachStep(bar, step_callback)]),
             )
-        codes = self.transformer.image_tokens_from_sequences(sequences).to(self.vq_model.device)
-        images = self._postprocess(self.vq_model.decode(codes), output_type)  # raster codes: no source map needed
+        codes = self.transformer.image_tokens_from_sequences(sequences).to(device)
+        decoded = self.vq_model.decode(codes)  # raster codes cover every position: no source map needed
+        images = self.image_processor.postprocess(decoded, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
-    @contextmanager
-    def _seeded(self, generator):
-        """Seed the global RNG from `generator` for the block and restore the caller's RNG state afterwards."""
-        if generator is None:
-            yield
-            return
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-        device = self.transformer.device
-        accelerators = [device] if device.type != "cpu" else []
-        with torch.random.fork_rng(devices=accelerators, device_type=device.type if accelerators else "cuda"):
-            torch.manual_seed(seed)
-            yield
+    @staticmethod
+    def _row_generators(generator, batch_size: int) -> list[torch.Generator]:
+        """One generator per image (see `__call__`'s `generator`)."""
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != batch_size or not all(isinstance(g, torch.Generator) for g in generator):
+                kinds = sorted({type(g).__name__ for g in generator})
+                raise ValueError(
+                    f"a list of generators needs one torch.Generator per image: {batch_size} images, got "
+                    f"{len(generator)} of {kinds}"
+                )
+            return list(generator)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(
+                f"generator must be a torch.Generator, a list of them (one per image) or None, got "
+                f"{type(generator).__name__}"
+            )
+        device = generator.device if generator is not None else torch.device("cpu")
+        # One draw per image, in order: image i's seed does not depend on how many images follow it.
+        seeds = [int(torch.randint(0, 2**62, (1,), generator=generator, device=device)) for _ in range(batch_size)]
+        return [torch.Generator(device).manual_seed(seed) for seed in seeds]
+
+    def _step_callback(self, callback, tensor_inputs):
+        """`callback_on_step_end` as the function both decoding loops call: (step, next_tokens) -> codes to keep."""
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            tensor_inputs = callback.tensor_inputs
+        if callback is not None and not callable(callback):
+            raise ValueError(f"callback_on_step_end must be callable, got {type(callback).__name__}")
+        if isinstance(tensor_inputs, str) or not all(name in self._callback_tensor_inputs for name in tensor_inputs):
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs must be a list of names from {self._callback_tensor_inputs}, got "
+                f"{tensor_inputs!r}"
+            )
+        if callback is None:
+            return None
+        codebook_size = self.transformer.config.codebook_size
+
+        def run(step: int, next_tokens: torch.LongTensor) -> torch.LongTensor:
+            named = {"next_tokens": next_tokens}
+            returned = callback(self, step, step, {name: named[name] for name in tensor_inputs})
+            if returned is None or "next_tokens" not in returned:
+                return next_tokens
+            replacement = returned["next_tokens"]
+            if (
+                not isinstance(replacement, torch.Tensor)
+                or replacement.shape != next_tokens.shape
+                or replacement.is_floating_point()
+                or replacement.dtype == torch.bool
+                or not ((replacement >= 0) & (replacement < codebook_size)).all()
+            ):
+                raise ValueError(
+                    f"callback_on_step_end returned next_tokens that are not {list(next_tokens.shape)} integer "
+                    f"codes in [0, {codebook_size}) at step {step}"
+                )
+            return replacement.to(next_tokens)
+
+        return run
 
     # ---- reconstruction ------------------------------------------------------------------------------------------
 
@@ -211,102 +330,29 @@ class MergeVQPipeline(DiffusionPipeline):
         Encode images to `num_tokens` merged tokens and decode them back.
 
         Args:
-            images: a PIL image, a numpy array, a torch tensor, or a list of them (sizes may differ).
-                - PIL: any mode; converted to RGB (grayscale replicated, alpha dropped).
-                - numpy: `[H, W]`, `[H, W, C]` or `[B, H, W, C]` with C in {1, 3, 4}; uint8 in [0, 255] or float
-                  in [0, 1].
-                - torch: `[C, H, W]` or `[B, C, H, W]` float in **[0, 1]** (what `output_type="pt"` returns), C in
-                  {1, 3, 4}. For [-1, 1] tensors pass `(x + 1) / 2`.
-                Any size: the shorter side is resized to `vq_model.config.image_size` (bilinear, antialiased),
-                then the centre is cropped to a square, as in the rFID protocol.
+            images: a PIL image (any mode), a numpy array, a torch tensor in **[0, 1]** (what `output_type="pt"`
+                returns), or a list of them; sizes may differ. `self.image_processor` (a `MergeVQImageProcessor`)
+                prepares them: RGB with transparency over white, shorter side resized to the tokenizer's
+                `image_size`, centre square, as in the rFID protocol. Strips longer than its `max_aspect_ratio`
+                and inputs above its `max_input_pixels` raise a ValueError before any resizing.
             num_tokens: K merged tokens kept, in `[1, L]`; default `vq_model.config.num_tokens`.
             output_type: `"pil"`, `"np"` or `"pt"`, as in `__call__`.
 
         Returns:
             `MergeVQReconstructionOutput(images, indices, source_maps)`, or that tuple when `return_dict=False`.
         """
-        pixels = self._preprocess(images)
         num_tokens = self._check_num_tokens(num_tokens, self.vq_model.config.num_tokens)
         self._check_output_type(output_type)
-        pixel_values = (pixels * 2 - 1).to(device=self.vq_model.device, dtype=self.vq_model.dtype)
+        pixel_values = self.image_processor(images).pixel_values
+        pixel_values = pixel_values.to(device=self._execution_device, dtype=self.vq_model.dtype)
         encoded = self.vq_model.encode(pixel_values, num_tokens=num_tokens)
         decoded = self.vq_model.decode(encoded.indices, encoded.source_map)
         output = MergeVQReconstructionOutput(
-            images=self._postprocess(decoded, output_type), indices=encoded.indices, source_maps=encoded.source_map
+            images=self.image_processor.postprocess(decoded, output_type), indices=encoded.indices,
+            source_maps=encoded.source_map,
         )
         self.maybe_free_model_hooks()
         return output if return_dict else output.to_tuple()
-
-    def _preprocess(self, images) -> torch.Tensor:
-        """Any supported input -> float32 [B, 3, S, S] in [0, 1] at the tokenizer's image size."""
-        if isinstance(images, (list, tuple)):
-            if not images:
-                raise ValueError("images is an empty list; pass at least one image")
-            if not all(isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor)) for image in images):
-                kinds = sorted({type(image).__name__ for image in images})
-                raise ValueError(f"a list of images must hold PIL images, numpy arrays or torch tensors, got {kinds}")
-            return torch.cat([self._preprocess(image) for image in images])
-        if isinstance(images, PIL.Image.Image):
-            array = np.asarray(images.convert("RGB"))
-            return self._fit(torch.from_numpy(array.copy()).permute(2, 0, 1)[None].float() / 255)
-        if isinstance(images, np.ndarray):
-            return self._fit(self._from_numpy(images))
-        if isinstance(images, torch.Tensor):
-            return self._fit(self._from_torch(images))
-        raise ValueError(
-            f"images must be a PIL image, a numpy array, a torch tensor or a list of them, got {type(images).__name__}"
-        )
-
-    @staticmethod
-    def _from_numpy(array: np.ndarray) -> torch.Tensor:
-        if array.ndim == 2:
-            array = array[..., None]
-        if array.ndim == 3:
-            array = array[None]
-        if array.ndim != 4 or array.shape[-1] not in (1, 3, 4):
-            raise ValueError(
-                f"numpy images must be [H, W], [H, W, C] or [B, H, W, C] with C in 1, 3, 4; got {array.shape}"
-            )
-        if array.dtype == np.uint8:
-            array = array.astype(np.float32) / 255
-        elif np.issubdtype(array.dtype, np.floating):
-            if array.size and not (np.isfinite(array).all() and array.min() >= 0 and array.max() <= 1):
-                raise ValueError("float numpy images must be finite and in [0, 1] (or pass uint8 in [0, 255])")
-        else:
-            raise ValueError(f"numpy images must be uint8 or float, got dtype {array.dtype}")
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(0, 3, 1, 2)
-
-    @staticmethod
-    def _from_torch(tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.ndim == 3:
-            tensor = tensor[None]
-        if tensor.ndim != 4 or tensor.shape[1] not in (1, 3, 4):
-            raise ValueError(
-                f"torch images must be [C, H, W] or [B, C, H, W] with C in 1, 3, 4; got {tuple(tensor.shape)}"
-            )
-        if not tensor.is_floating_point():
-            raise ValueError(f"torch images must be floating point in [0, 1], got dtype {tensor.dtype}")
-        tensor = tensor.detach().float().cpu()
-        if tensor.numel() and not (torch.isfinite(tensor).all() and tensor.min() >= 0 and tensor.max() <= 1):
-            raise ValueError("torch images must be finite and in [0, 1]; for [-1, 1] tensors pass (x + 1) / 2")
-        return tensor
-
-    def _fit(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] in [0, 1] -> RGB, shorter side resized to image_size, centre-cropped to a square."""
-        if pixels.shape[1] == 1:
-            pixels = pixels.expand(-1, 3, -1, -1)
-        pixels = pixels[:, :3]  # drop alpha
-        size = self.vq_model.config.image_size
-        height, width = pixels.shape[-2:]
-        if min(height, width) == 0:
-            raise ValueError(f"images must not be empty, got {height}x{width}")
-        if (height, width) != (size, size):
-            scale = size / min(height, width)
-            new_size = (max(size, round(height * scale)), max(size, round(width * scale)))
-            pixels = F.interpolate(pixels, size=new_size, mode="bilinear", antialias=True, align_corners=False)
-            top, left = (new_size[0] - size) // 2, (new_size[1] - size) // 2
-            pixels = pixels[:, :, top : top + size, left : left + size].clamp(0, 1)
-        return pixels
 
     # ---- shared checks and output conversion --------------------------------------------------------------------
 
@@ -318,6 +364,12 @@ class MergeVQPipeline(DiffusionPipeline):
             if class_labels.is_floating_point() or class_labels.dtype == torch.bool or class_labels.ndim > 1:
                 raise ValueError(
                     f"class_labels must be a 1-D integer tensor, got {class_labels.dtype} {tuple(class_labels.shape)}"
+                )
+            class_labels = class_labels.reshape(-1).tolist()
+        if isinstance(class_labels, np.ndarray):
+            if class_labels.dtype.kind not in "iu" or class_labels.ndim > 1:
+                raise ValueError(
+                    f"class_labels must be a 1-D integer array, got {class_labels.dtype} {class_labels.shape}"
                 )
             class_labels = class_labels.reshape(-1).tolist()
         if not isinstance(class_labels, (list, tuple)) or not all(_is_int(label) for label in class_labels):
@@ -361,14 +413,6 @@ class MergeVQPipeline(DiffusionPipeline):
     def _check_output_type(output_type):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-
-    def _postprocess(self, decoded: torch.Tensor, output_type: str):
-        """Decoder output in [-1, 1] -> [0, 1] float32 in the requested container."""
-        images = ((decoded.float() + 1) / 2).clamp(0, 1).cpu()
-        if output_type == "pt":
-            return images
-        images = images.permute(0, 2, 3, 1).numpy()
-        return images if output_type == "np" else self.numpy_to_pil(images)
 
     # ---- saving, model card, Hub upload ---------------------------------------------------------------------------
 
@@ -431,7 +475,8 @@ reconstructions = pipe.reconstruct(images, num_tokens={vq.num_tokens}).images
         return ModelCard(content)
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
-        """diffusers' save plus a generated `README.md` model card.
+        """diffusers' save plus the image processor's `vq_model/preprocessor_config.json` and a generated `README.md`
+        model card.
 
         With `push_to_hub=True` (and optionally `repo_id`, `token`, `private`, `commit_message`, `create_pr`) the
         repository is created *before* anything is written, so offline this raises the Hub's offline error early;
@@ -444,6 +489,7 @@ reconstructions = pipe.reconstruct(images, num_tokens={vq.num_tokens}).images
             repo_id = repo_id or os.path.basename(os.path.normpath(str(save_directory)))
             repo_id = create_repo(repo_id, private=hub.get("private"), token=hub.get("token"), exist_ok=True).repo_id
         super().save_pretrained(save_directory, **kwargs)
+        self.image_processor.save_pretrained(os.path.join(save_directory, "vq_model"))
         self.model_card(repo_id).save(os.path.join(save_directory, "README.md"))
         if push_to_hub:
             return upload_folder(

@@ -7,6 +7,11 @@ The MAGVIT-v2 entropy loss puts a softmax over all 2^d codes with logits 2<z, c>
 N x 2^d floats (4 GiB for 4096 tokens at d=18), but the softmax factorises over bits,
 P(c_j = +1) = sigmoid(4 z_j / tau), which :func:`entropy_terms` uses to compute both terms exactly with
 O(2^d + N 2^(d/2)) memory.
+
+Under data-parallel training the batch term is the entropy of the code distribution averaged over the tokens of
+*every* process (the distribution is summed with an autograd-aware all-reduce), so that N processes optimise the
+same batch entropy as one process on the concatenated batch; without it each process would maximise the entropy of
+its own shard only.
 """
 
 from dataclasses import dataclass
@@ -46,8 +51,11 @@ def _bit_shifts(bits: int, device: torch.device) -> torch.Tensor:
 def _check_indices(indices: torch.Tensor, bits: int) -> None:
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
         raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
-    if indices.numel() and (indices.min() < 0 or indices.max() >= (1 << bits)):
-        raise ValueError(f"indices must lie in [0, 2^{bits}), got range [{indices.min()}, {indices.max()}]")
+    if indices.numel():
+        # Compare in int64: against a narrow dtype (e.g. uint8) the bound 2^bits itself would wrap around.
+        low, high = indices.long().aminmax()
+        if low < 0 or high >= (1 << bits):
+            raise ValueError(f"indices must lie in [0, 2^{bits}), got range [{int(low)}, {int(high)}]")
 
 
 def _loss_dtype(z: torch.Tensor) -> torch.dtype:
@@ -79,13 +87,28 @@ def _code_probabilities(p_pos: torch.Tensor, p_neg: torch.Tensor) -> torch.Tenso
     return probs
 
 
-def entropy_terms(z: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _data_parallel_world_size() -> int:
+    """Number of processes of the default process group; 1 when torch.distributed is not in use."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def entropy_terms(
+    z: torch.Tensor, temperature: float, across_processes: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact (mean per-token entropy, entropy of the mean distribution) of softmax(2<z, c>/tau) over {-1,+1}^d.
 
     z is [..., d] and flattened to N tokens. Computed in at least float32, with autocast off, and differentiable.
     Per token the distribution is a product of independent bits, so H(p_n) = sum_j h(sigmoid(4 z_nj / tau)).
     For the batch term the bits are split into a low and a high half: p_n(c) = p_n^lo(c_lo) p_n^hi(c_hi), hence
     mean_n p_n = P_lo^T P_hi / N, a [2^lo, 2^hi] matrix whose row-major flattening is indexed by c = c_lo + 2^lo c_hi.
+
+    With ``across_processes`` and an initialised ``torch.distributed`` default group of several processes (every
+    process must then call this in step), the mean runs over the tokens of all processes: the sums P_lo^T P_hi and
+    the token counts are all-reduced. The all-reduce is differentiable and its backward sums the gradients of all
+    processes, so each process's ``z`` gets world_size x the gradient of the one-process loss on the concatenated
+    batch, which data-parallel averaging divides back out. Without a process group it is the plain computation.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -99,7 +122,17 @@ def entropy_terms(z: torch.Tensor, temperature: float) -> tuple[torch.Tensor, to
         low = bits // 2
         probs_low = _code_probabilities(p_pos[:, :low], p_neg[:, :low])  # [N, 2^low]
         probs_high = _code_probabilities(p_pos[:, low:], p_neg[:, low:])  # [N, 2^(d - low)]
-        batch_entropy = _entropy_of(probs_low.T @ probs_high / x.shape[0])
+        code_sums = probs_low.T @ probs_high  # sum over the tokens of p_n
+        num_tokens = x.shape[0]
+        if across_processes and _data_parallel_world_size() > 1:
+            import torch.distributed as dist
+            from torch.distributed.nn.functional import all_reduce
+
+            code_sums = all_reduce(code_sums)  # autograd-aware; the in-place dist.all_reduce would cut the graph
+            counts = torch.tensor([num_tokens], dtype=torch.float64, device=code_sums.device)
+            dist.all_reduce(counts)
+            num_tokens = counts.item()
+        batch_entropy = _entropy_of(code_sums / num_tokens)
     return sample_entropy, batch_entropy
 
 
@@ -183,7 +216,9 @@ class LookupFreeQuantizer(nn.Module):
         if not compute_losses:
             return LFQOutput(codes, indices, None, None, None, None)
 
-        sample_entropy, batch_entropy = entropy_terms(z, self.entropy_temperature)
+        # In training, under data parallelism, the batch entropy covers the tokens of all processes (as in
+        # lucidrains' LFQ); evaluation stays local, so one process may evaluate alone.
+        sample_entropy, batch_entropy = entropy_terms(z, self.entropy_temperature, across_processes=self.training)
         entropy_loss = self.sample_entropy_weight * sample_entropy - self.batch_entropy_weight * batch_entropy
         commitment_loss = F.mse_loss(z.to(_loss_dtype(z)), quantised.to(_loss_dtype(z)))
         return LFQOutput(codes, indices, entropy_loss, sample_entropy, batch_entropy, commitment_loss)

@@ -17,8 +17,9 @@ MAX_IMAGE_PIXELS = 4096 * 4096  # far above any tokenizer size; refuses decompre
 
 
 def load_image(path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Image.Image, str]:
-    """Open a user's image file as RGB. Returns (image, original mode), e.g. "L" or "RGBA" to tell the user it was
-    converted (alpha is dropped, grey is replicated). Raises FileNotFoundError or ValueError with a one-line message."""
+    """Open a user's image file, decoded in its own mode (16-bit grey, alpha, CMYK, ...), which
+    `MergeVQImageProcessor` reads faithfully; its size is checked before decoding. Returns (image, mode), e.g. "L"
+    or "RGBA" to tell the user it was converted. Raises FileNotFoundError or ValueError with a one-line message."""
     name = getattr(path, "name", None) or str(path)
     try:
         with Image.open(path) as image:  # reads the header only: the size check costs nothing
@@ -26,7 +27,8 @@ def load_image(path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Image.Image, s
                 raise ValueError(
                     f"{name} is {image.width}x{image.height} pixels; images of at most {max_pixels:,} pixels are accepted"
                 )
-            return image.convert("RGB"), image.mode
+            image.load()
+            return image.copy(), image.mode  # a copy outlives the closed file
     except FileNotFoundError:
         raise FileNotFoundError(f"no such image file: {name}") from None
     except (UnidentifiedImageError, Image.DecompressionBombError):

@@ -62,7 +62,8 @@ def knn_accuracy(train_features: Any, train_labels: Any, test_features: Any, tes
 
 @torch.no_grad()
 def image_features(model: Any, images: torch.Tensor, pooling: str = "cls", batch_size: int = 256) -> torch.Tensor:
-    """``model.get_image_features(pixel_values, pooling)`` over ``images`` ``[N, 3, H, W]`` in [-1, 1], batched.
+    """``model.get_image_features(pixel_values, pooling).pooler_output`` over ``images`` ``[N, 3, H, W]`` in [-1, 1],
+    batched.
 
     Returns float32 ``[N, D]`` on the CPU; batches run on the model's device and dtype.
     """
@@ -73,6 +74,9 @@ def image_features(model: Any, images: torch.Tensor, pooling: str = "cls", batch
     param = next(model.parameters())
     was_training = model.training
     model.eval()
-    features = [model.get_image_features(b.to(param.device, param.dtype), pooling=pooling).float().cpu() for b in images.split(batch_size)]
+    features = [
+        model.get_image_features(b.to(param.device, param.dtype), pooling=pooling).pooler_output.float().cpu()
+        for b in images.split(batch_size)
+    ]
     model.train(was_training)
     return torch.cat(features)

@@ -10,7 +10,9 @@
 * :mod:`.trainer_mergear`: pre-tokenisation cache, per-example K sampling and ``MergeARTrainer`` (stage 2).
 * :mod:`.trainer_randar`: random-order examples and their padding collator for ``MergeRandARForCausalLM``.
 * :mod:`.atomic_checkpoints`: Trainer checkpoints written to a staging folder and renamed into place.
-* :mod:`.sources`: the ``--dataset`` strings of the example scripts; :mod:`.plotting`: loss-curve PNGs.
+* :mod:`.sources`: the ``--dataset`` strings of the entry points; :mod:`.plotting`: loss-curve PNGs.
+* :mod:`.train_tokenizer`, :mod:`.train_mergear`: the training entry points (``mergevq train-tokenizer`` /
+  ``train-ar``, ``python -m mergevq_hf.training.train_tokenizer``), each with ``main(argv)``; not imported here.
 
 Model files never import this package. The submodules import ``datasets`` and ``transformers`` lazily; the trainer
 classes (which import ``transformers.Trainer`` and ``accelerate``) are loaded on first attribute access.

@@ -8,17 +8,29 @@ single ``os.replace`` (atomic on POSIX file systems). Every ``checkpoint-N`` is 
 "the last checkpoint" only ever sees complete ones. The staging folder starts with ``_``, so ``Trainer.push_to_hub``
 does not upload it; a stale one left by a killed save is cleared by the next save of the same step.
 
-The rename protects against the process dying, not against power loss (files are not fsynced).
+The rename protects against the process dying, not against power loss (files are not fsynced). A save that fails
+(a full disk, most often) is re-raised by :func:`clear_write_errors` as an ``OSError`` naming the folder, and its
+staged folder is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import os
 import shutil
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
-__all__ = ["STAGING_DIRNAME", "AtomicCheckpointMixin", "last_complete_checkpoint", "resolve_resume_checkpoint"]
+__all__ = [
+    "STAGING_DIRNAME",
+    "AtomicCheckpointMixin",
+    "clear_write_errors",
+    "finished_run_message",
+    "last_complete_checkpoint",
+    "resolve_resume_checkpoint",
+]
 
 STAGING_DIRNAME = "_staging"
 
@@ -42,6 +54,55 @@ def resolve_resume_checkpoint(value: str | None, output_dir: str | os.PathLike) 
     if not os.path.isfile(os.path.join(value, "trainer_state.json")):
         raise ValueError(f"--resume_from_checkpoint {value!r} is not a checkpoint folder (no trainer_state.json); pass a checkpoint-N folder or 'last'")
     return value
+
+
+def finished_run_message(checkpoint: str, args) -> str | None:
+    """Why resuming from ``checkpoint`` has nothing to do: it already reached the last step that ``args``
+    (``TrainingArguments``) ask for, and the run's export is in ``args.output_dir`` (its ``train_results.json``,
+    written after the model). ``None`` when there are steps left or the export is missing.
+
+    The Trainer would otherwise train one step past the end and export again, overwriting the finished run.
+    """
+    if not os.path.isfile(os.path.join(args.output_dir, "train_results.json")):
+        return None  # killed before or during the export: resuming writes it
+    with open(os.path.join(checkpoint, "trainer_state.json")) as file:
+        state = json.load(file)
+    step = int(state["global_step"])
+    if args.max_steps > 0:
+        last_step = args.max_steps
+    elif args.num_train_epochs <= state.get("num_train_epochs", 0):  # same epochs as the run that wrote it
+        last_step = int(state.get("max_steps", 0))
+    else:
+        return None
+    if last_step <= 0 or step < last_step:
+        return None
+    return (
+        f"{checkpoint} already reached step {step} of {last_step}: the run is finished, nothing to do (nothing "
+        f"trained, nothing in {args.output_dir} overwritten). Raise --max_steps (or --num_train_epochs) to train further."
+    )
+
+
+@contextlib.contextmanager
+def clear_write_errors(folder: str | os.PathLike, what: str):
+    """Re-raise an error of writing ``what`` into ``folder`` as an ``OSError`` that names both.
+
+    ``torch.save`` reports a full disk (ENOSPC) as ``RuntimeError: ... basic_ios::clear: iostream error``, which
+    says neither what failed nor where.
+    """
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        code = error.errno if isinstance(error, OSError) and error.errno else errno.EIO
+        existing = os.path.abspath(folder)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        free_mb = shutil.disk_usage(existing).free / 2**20
+        raise OSError(
+            code,
+            f"could not write {what} into {folder} ({free_mb:.0f} MB free on that disk): {error}. A full disk (ENOSPC) "
+            "shows up from torch.save as 'basic_ios::clear: iostream error'; free space or choose another "
+            "--output_dir, then continue with --resume_from_checkpoint last",
+        ) from error
 
 
 class AtomicCheckpointMixin:
@@ -79,8 +140,13 @@ class AtomicCheckpointMixin:
 
         self._checkpoint_staging_root = staging_root
         try:
-            super()._save_checkpoint(model, trial)
-            self.save_extra_checkpoint_files(staged)
+            with clear_write_errors(staged, f"checkpoint {name}"):
+                super()._save_checkpoint(model, trial)
+                self.save_extra_checkpoint_files(staged)
+        except OSError:
+            if self.args.should_save:
+                shutil.rmtree(staged, ignore_errors=True)  # give the space of the partial save back
+            raise
         finally:
             self._checkpoint_staging_root = None
         self.accelerator.wait_for_everyone()  # every process has written its files (e.g. rng_state_<rank>.pth)

@@ -255,10 +255,9 @@ def _to_pil_rgb(item: Any, background: tuple[int, int, int]):
         rgba = item.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (*background, 255))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
-    if item.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit gray: rescale to 8 bit
-        arr = np.asarray(item, dtype=np.float64)
-        arr = arr / max(arr.max(), 1.0) * 255.0
-        return Image.fromarray(arr.astype(np.uint8)).convert("RGB")
+    if item.mode.startswith("I;16") or item.mode == "I":  # 16-bit gray, scaled as MergeVQImageProcessor reads it
+        arr = np.asarray(item).astype(np.float64).clip(0, 65535) / 65535 * 255
+        return Image.fromarray(arr.round().astype(np.uint8)).convert("RGB")
     return item.convert("RGB")
 
 

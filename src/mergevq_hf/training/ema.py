@@ -21,6 +21,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .sharding import full_tensor, is_sharded, shard_like
+
 __all__ = ["EMAModel"]
 
 
@@ -134,12 +136,31 @@ class EMAModel:
         self.warmup = bool(state.get("warmup", self.warmup))
         self.update_after_step = int(state.get("update_after_step", self.update_after_step))
         self.num_updates = int(state["num_updates"])
-        self.shadow = {k: v.detach().clone().to(self.shadow[k].device) for k, v in shadow.items()}
+        self.shadow = {k: shard_like(v.detach().clone(), self.shadow[k]).to(self.shadow[k].device) for k, v in shadow.items()}
+
+    def shard_like(self, model: nn.Module) -> None:
+        """Split every shadow tensor the way ``model``'s tensor of the same name is split (FSDP2 ``DTensor``
+        parameters): each process then averages only its own shard, as it only updates its own shard."""
+        named = dict(self._matched(model))
+        self.shadow = {k: shard_like(v, named[k]) for k, v in self.shadow.items()}
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """Inside the block the shadow holds whole tensors (sharded ones are all-gathered: a collective, so every
+        process must enter the block, e.g. to let one of them :meth:`save`)."""
+        sharded = self.shadow
+        self.shadow = {k: full_tensor(v) for k, v in sharded.items()}
+        try:
+            yield self
+        finally:
+            self.shadow = sharded
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the shadow tensors with safetensors; the counters go into the file's metadata."""
         from safetensors.torch import save_file
 
+        if any(is_sharded(v) for v in self.shadow.values()):
+            raise ValueError("the EMA is sharded over processes (FSDP2): save it inside `with ema.gathered():`")
         meta = {"decay": repr(self.decay), "warmup": str(self.warmup), "update_after_step": str(self.update_after_step), "num_updates": str(self.num_updates)}
         save_file({k: v.contiguous() for k, v in self.shadow.items()}, str(path), metadata=meta)
 

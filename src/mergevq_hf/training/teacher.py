@@ -154,6 +154,17 @@ def _update_hash(h: "hashlib._Hash", t: torch.Tensor) -> None:
     h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
+def _require_finite(features: torch.Tensor, what: str, remedy: str) -> torch.Tensor:
+    """``features`` [N, D] unchanged, or a ValueError naming the rows with a NaN or infinite value."""
+    bad_rows = (~torch.isfinite(features)).flatten(1).any(dim=1).nonzero().flatten()
+    if len(bad_rows):
+        raise ValueError(
+            f"{what} hold NaN or infinite values in {len(bad_rows)} of {len(features)} rows "
+            f"(first rows: {bad_rows[:5].tolist()}); {remedy}"
+        )
+    return features
+
+
 def _batch_tensor(item: Any) -> torch.Tensor:
     if isinstance(item, dict):
         if "pixel_values" not in item:
@@ -232,7 +243,8 @@ def precompute_teacher_features(
         if path.is_file():
             from safetensors.torch import load_file
 
-            return load_file(str(path))["features"]
+            return _require_finite(load_file(str(path))["features"], f"cached teacher features {path}",
+                                   "delete the file to compute them again")
 
     device = next(iter(teacher.parameters()), torch.empty(0)).device
     chunks = []
@@ -245,7 +257,11 @@ def precompute_teacher_features(
         chunks.append(teacher(batch.to(device)).float().cpu().to(dtype))
     if not chunks:
         raise ValueError("precompute_teacher_features got no images")
-    features = torch.cat(chunks)
+    features = _require_finite(
+        torch.cat(chunks), f"the features of teacher {getattr(teacher, 'name', type(teacher).__name__)!r}",
+        f"check those images and the teacher's weights (stored as {dtype}: float16 overflows beyond +-65504, pass "
+        "dtype=torch.float32 then); nothing was cached",
+    )
 
     if path is not None:
         from safetensors.torch import save_file
@@ -267,6 +283,7 @@ def attach_teacher_features(dataset: Any, features: torch.Tensor, column: str = 
         raise ValueError(f"features must be [len(dataset)={len(dataset)}, D], got {tuple(features.shape)}")
     if column in dataset.column_names:
         raise ValueError(f"dataset already has a column {column!r}")
+    _require_finite(features, "the teacher features", "a NaN target would make the alignment loss NaN")
     arr = features.detach().cpu().contiguous().numpy()
     flat = pa.array(arr.reshape(-1))
     col = pa.FixedSizeListArray.from_arrays(flat, arr.shape[1])

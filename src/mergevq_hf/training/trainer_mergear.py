@@ -26,6 +26,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .atomic_checkpoints import AtomicCheckpointMixin
 from .data import ImageTransform, collate_images
+from .sharding import ShardedTrainingMixin
 
 __all__ = [
     "MergeARTokenDataset",
@@ -68,29 +69,13 @@ def _weights_hash(model: torch.nn.Module) -> str:
 
 
 def mergear_config_for_tokenizer(preset: str, tokenizer_config, num_classes: int, config_class=None, **overrides):
-    """A :class:`~mergevq_hf.MergeARConfig` of size ``preset`` whose vocabulary and grid match the tokenizer's.
-
-    ``codebook_bits``, ``factorized_bits`` and ``grid_size`` come from ``tokenizer_config``; ``default_num_tokens``
-    from its ``num_tokens``. Keywords override anything else (``class_dropout_prob``, ``hidden_size``, ...).
-    ``config_class`` builds a subclass instead, e.g. ``MergeRandARConfig`` for the random-order generator.
+    """:meth:`MergeARConfig.from_tokenizer_config <mergevq_hf.MergeARConfig.from_tokenizer_config>` of size
+    ``preset`` with ``num_classes`` classes; ``config_class`` builds a subclass instead, e.g. ``MergeRandARConfig``.
     """
     from ..configuration_mergear import MergeARConfig
 
     config_class = config_class or MergeARConfig
-
-    for name in ("codebook_bits", "factorized_bits", "grid_size"):
-        if name in overrides:
-            raise ValueError(f"{name} is taken from the tokenizer (it must match its codes); do not override it")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    matched = dict(
-        codebook_bits=tokenizer_config.codebook_bits,
-        factorized_bits=tokenizer_config.factorized_bits,
-        grid_size=tokenizer_config.grid_size,
-        default_num_tokens=tokenizer_config.num_tokens,
-        num_classes=num_classes,
-    )
-    return config_class.from_preset(preset, **{**matched, **overrides})
+    return config_class.from_tokenizer_config(tokenizer_config, preset=preset, num_classes=num_classes, **overrides)
 
 
 def pretokenize(
@@ -220,7 +205,7 @@ class _SetEpoch(TrainerCallback):
         self.dataset.set_epoch(int(state.epoch or 0))
 
 
-class MergeARTrainer(AtomicCheckpointMixin, Trainer):
+class MergeARTrainer(ShardedTrainingMixin, AtomicCheckpointMixin, Trainer):
     """The stock ``Trainer`` for :class:`~mergevq_hf.MergeARForCausalLM`, with atomic checkpoints, the stacking
     collator by default, and the epoch passed to a :class:`MergeARTokenDataset`."""
 

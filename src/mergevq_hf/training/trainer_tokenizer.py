@@ -22,7 +22,9 @@ folder, which is what ``MergeVQModel.from_pretrained(output_dir)`` loads, and th
 ``output_dir/raw``. Checkpoints hold the raw weights (the EMA is in ``ema.safetensors``).
 
 The discriminator is small and stays replicated on every process: under DDP (and any other engine) its gradients
-are averaged with one explicit all-reduce before its optimiser step, so it needs no wrapper of its own.
+are averaged with one explicit all-reduce before its optimiser step, so it needs no wrapper of its own. Under FSDP2
+(:mod:`.sharding`) it stays replicated on purpose (accelerate's FSDP2 path prepares one model per run), while the
+tokenizer and its EMA are sharded; the frozen perceptual network is a constant on every process.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from .data import collate_images
 from .ema import EMAModel
 from .losses import LeCAMRegularizer, PatchGANDiscriminator, hinge_d_loss, non_saturating_g_loss
 from .perceptual import PerceptualLoss
+from .sharding import ShardedTrainingMixin
 
 __all__ = [
     "DISCRIMINATOR_NAME",
@@ -147,7 +150,7 @@ class _EMAUpdate(TrainerCallback):
         self.ema.step(self.model)
 
 
-class MergeVQTrainer(AtomicCheckpointMixin, Trainer):
+class MergeVQTrainer(ShardedTrainingMixin, AtomicCheckpointMixin, Trainer):
     """``Trainer`` for :class:`~mergevq_hf.MergeVQModel` with a PatchGAN discriminator, LeCAM and EMA.
 
     Args:
@@ -191,8 +194,8 @@ class MergeVQTrainer(AtomicCheckpointMixin, Trainer):
         )
         self.ema = None
         if args.ema_decay > 0:
-            if self.is_fsdp_enabled or (self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3):
-                raise ValueError("the EMA keeps a full copy of every weight, which sharded engines (FSDP, DeepSpeed ZeRO-3) do not give; train the tokenizer with DDP or ZeRO-1/2, or pass --ema_decay 0")
+            if (self.is_fsdp_enabled and not self.accelerator.is_fsdp2) or (self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3):
+                raise ValueError("the EMA follows the model's own parameter tensors, which FSDP1 and DeepSpeed ZeRO-3 replace by flat buffers; train the tokenizer with DDP, FSDP2 (fsdp_version 2), or ZeRO-1/2, or pass --ema_decay 0")
             self.ema = EMAModel(self.model, decay=args.ema_decay, warmup=args.ema_warmup)
             self.add_callback(_EMAUpdate(self.ema, self.model))
         self._micro_step = 0  # index of the micro-batch inside the current accumulation window
@@ -333,15 +336,20 @@ class MergeVQTrainer(AtomicCheckpointMixin, Trainer):
         return {k: v.detach().contiguous() for k, v in state.items()}
 
     def save_extra_checkpoint_files(self, checkpoint_dir: str) -> None:
-        if not self.args.should_save:
-            return
-        from safetensors.torch import save_file
+        with self.ema.gathered() if self.ema is not None else contextlib.nullcontext():  # every process: FSDP2 gathers the EMA
+            if not self.args.should_save:
+                return
+            from safetensors.torch import save_file
 
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        save_file(self._critic_state_dict(), os.path.join(checkpoint_dir, DISCRIMINATOR_NAME), metadata={"format": "pt"})
-        torch.save(self.discriminator_optimizer.state_dict(), os.path.join(checkpoint_dir, DISCRIMINATOR_OPTIMIZER_NAME))
+            os.makedirs(checkpoint_dir, exist_ok=True)
+            save_file(self._critic_state_dict(), os.path.join(checkpoint_dir, DISCRIMINATOR_NAME), metadata={"format": "pt"})
+            torch.save(self.discriminator_optimizer.state_dict(), os.path.join(checkpoint_dir, DISCRIMINATOR_OPTIMIZER_NAME))
+            if self.ema is not None:
+                self.ema.save(os.path.join(checkpoint_dir, EMA_NAME))
+
+    def on_model_sharded(self, model) -> None:
         if self.ema is not None:
-            self.ema.save(os.path.join(checkpoint_dir, EMA_NAME))
+            self.ema.shard_like(model)  # each process averages the shard it updates (after a resume: the loaded EMA)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
