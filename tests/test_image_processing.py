@@ -184,3 +184,10 @@ def test_training_transform_reads_sixteen_bit_grey_like_the_processor(processor)
 def test_a_mode_pillow_cannot_convert_is_a_clear_error(processor):
     with pytest.raises(ValueError, match="PIL images in mode La cannot be converted to RGB"):
         processor(PIL.Image.new("La", (SIZE, SIZE)))
+
+
+def test_training_transform_refuses_a_thin_strip_before_resizing():
+    from mergevq_hf.training.data import ImageTransform
+
+    with pytest.raises(ValueError, match="times longer than wide; at most 8:1"):
+        ImageTransform(size=SIZE).image_to_tensor(PIL.Image.new("L", (300_000, 1)))

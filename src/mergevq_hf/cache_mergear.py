@@ -1,4 +1,4 @@
-"""MergeAR's sparsity rule and the KV cache that implements it at inference (method-spec §3.3).
+"""MergeAR's sparsity rule and the KV cache that implements it at inference (docs/design.md §3.1-3.2).
 
 The rule: a query at sequence index ``p`` may attend key ``t`` iff ``t <= p`` and either
 

@@ -1,4 +1,4 @@
-"""Configuration of MergeRandAR, the random-order generator of MergeVQ's K merged tokens (method-spec §3.4)."""
+"""Configuration of MergeRandAR, the random-order generator of MergeVQ's K merged tokens (docs/design.md §3.4)."""
 
 from .configuration_mergear import MergeARConfig
 

@@ -2,7 +2,7 @@
 
 A folder written by `MergeVQPipeline.save_pretrained` names its components by the package's module paths
 (`mergevq_hf.modeling_mergevq`), so it loads only where `mergevq_hf` is installed. `export_for_hub` turns it into the
-layout that `trust_remote_code=True` loads anywhere (hf-integration.md §1 and §4):
+layout that `trust_remote_code=True` loads anywhere (docs/design.md §5):
 
     folder/
       model_index.json        {"_class_name": ["pipeline_mergevq", "MergeVQPipeline"],

@@ -6,7 +6,7 @@ backbone is Llama-style (pre-norm RMSNorm, SwiGLU, SDPA) with a 2-D rotary embed
 (row, column). A repeated code is visible as context only within ``W`` steps of its position (first occurrences
 and the prompt stay visible): a boolean mask in training, :class:`MergeARCache` eviction at inference.
 
-This mask rule is this project's reading of the paper's garbled Eq. 12 (method-spec §3.3), not released code.
+This mask rule is this project's reading of the paper's garbled Eq. 12 (docs/design.md §3.1), not released code.
 
 Vocabulary seen by ``generate`` (``V = 2**codebook_bits``, ``C = num_classes``): image codes are ids ``[0, V)``;
 class ``c`` is id ``V + c`` (``V + C`` is the null class); merge instruction ``K`` is id ``V + C + 1 + K``. The

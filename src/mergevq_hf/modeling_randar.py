@@ -1,4 +1,4 @@
-"""MergeRandAR: random-order generation of MergeVQ's K merged tokens with position instructions (method-spec §3.4).
+"""MergeRandAR: random-order generation of MergeVQ's K merged tokens with position instructions (docs/design.md §3.4).
 
 The paper's best generator (Table 3) produces the K merged tokens of an image in random order, RandAR style, and
 decodes them after the tokenizer's learned source recovery has predicted the merge map. This module is that path,
@@ -10,7 +10,7 @@ Sequence (teacher forcing)::
     [cls, M(K), P(p_1), y_1, P(p_2), y_2, ..., P(p_K), y_K]
 
 * ``p_n`` is a merged token's position: its group's first (raster-minimum) grid position, as the tokenizer orders its
-  tokens (method-spec §3.4). Training permutes the K (code, position) pairs randomly per example.
+  tokens (docs/design.md §3.4). Training permutes the K (code, position) pairs randomly per example.
 * ``P(p)`` is a learned *position instruction* saying which slot comes next; the hidden state at ``P(p_n)`` predicts
   the code ``y_n``. ``P(p_n)`` and ``y_n`` both carry the 2-D RoPE of ``p_n``; the prefix carries none.
 * Which positions? RandAR fills all L positions, so its order is all it samples. Here only K of the L positions

@@ -91,7 +91,7 @@ class MergeVQPipeline(DiffusionPipeline):
               parent's code; decoded without a source map.
             - `MergeRandARForCausalLM` ("random"): the `K` merged tokens in random order with position
               instructions; the tokenizer's learned source recovery then predicts the merge map for decoding
-              (method-spec §3.4), so the tokenizer must have `use_source_recovery=True`.
+              (docs/design.md §3.4), so the tokenizer must have `use_source_recovery=True`.
 
     Example:
         >>> pipe = MergeVQPipeline.from_pretrained("path/or/hub-id")

@@ -1,9 +1,9 @@
 """Learned source recovery: predict which merged token every grid position belongs to, from the K codes alone.
 
 Needed whenever the true source map is unknown (random-order generation). The official module is a stub; this is
-the design of method-spec §6 #7: L learned position queries run through DETR-style decoder blocks (self-attention
-among queries, cross-attention to the K code embeddings, MLP); the logit for (position l, token k) is the dot
-product of the refined query and the projected token. Trained with a row-wise cross-entropy over K, which matches
+our reading of the paper (docs/design.md §1.5): L learned position queries run through DETR-style decoder blocks
+(self-attention among queries, cross-attention to the K code embeddings, MLP); the logit for (position l, token k)
+is the dot product of the refined query and the projected token. Trained with a row-wise cross-entropy over K, which matches
 the one-parent-per-position structure of the source map.
 """
 

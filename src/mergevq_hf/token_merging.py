@@ -1,6 +1,6 @@
 """Token merging for the MergeVQ encoder: bipartite soft matching, size-weighted merge and source tracking.
 
-Clean-room implementation written from the method description (MergeVQ §3.1, method-spec §1.4).
+Clean-room implementation written from the method description (paper §3.1; our readings in docs/design.md §1.2).
 The source map stores, for every original patch position, the index of its current parent among the
 current patch tokens; it replaces the dense [K, L] source matrix S (see :func:`source_map_to_matrix`).
 """

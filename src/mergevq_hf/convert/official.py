@@ -13,7 +13,7 @@ What the official checkpoint holds (facts read from `taming/models/lfqgan_rep.py
 Mapping: `MergeVQModel` mirrors the official parameter names, except the encoder's output projection, a 1x1
 `Conv2d` `encoder.conv_out` [bits, dim, 1, 1] in the official code (run on a fake sqrt(K) x sqrt(K) grid) and a
 `Linear` `encoder.proj_out` [bits, dim] here. The decoder's upsamplers need no channel permutation: both codes use
-DCR depth-to-space (method-spec §1.8; `nn.PixelShuffle`, CRD, would need one).
+DCR depth-to-space (docs/design.md §1.6; `nn.PixelShuffle`, CRD, would need one).
 
 Source recovery: official checkpoints carry no trained source-recovery weights, so converted models are built with
 `use_source_recovery=False` (a randomly initialised predictor would silently produce wrong source maps). Train one

