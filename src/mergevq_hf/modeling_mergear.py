@@ -13,9 +13,7 @@ class ``c`` is id ``V + c`` (``V + C`` is the null class); merge instruction ``K
 logits only cover the ``V`` image codes, so prompt ids are never sampled.
 """
 
-import math
 from dataclasses import dataclass
-from numbers import Integral, Real
 
 import numpy as np
 import torch
@@ -37,7 +35,7 @@ from .config_checks import check_attention_outputs
 from .configuration_mergear import MergeARConfig
 from .generation_mergear import SAMPLING_MODES, MergeARSampler, TokenBudgetLogitsProcessor, paused_gc
 from .quantization_lfq import split_indices
-from .sampling_utils import sample_rows  # noqa: F401  (generation_mergear's sibling: diffusers copies one level)
+from .sampling_utils import check_guidance_scale, check_sampling_arguments, is_integer
 
 NUM_PREFIX = 2  # class token + merge-instruction token
 # transformers 5.24 renamed the output field `past_key_values` to `cache`; support both releases.
@@ -182,6 +180,27 @@ class MergeARImageEmbedding(nn.Module):
         return self.embed_low(low) + self.embed_high(high)
 
 
+class MergeARClassEmbedding(nn.Embedding):
+    """Class-token embedding (``num_classes`` classes + the null class), read straight from prompt ids.
+
+    In training, label dropout swaps each class for the null class with probability ``class_dropout_prob``: that
+    trains the unconditional branch of classifier-free guidance. Ids that are not class tokens get some class's
+    embedding; callers keep it only where the id is a class token.
+    """
+
+    def __init__(self, config: MergeARConfig):
+        super().__init__(config.num_classes + 1, config.hidden_size)
+        self.codebook_size, self.num_classes = config.codebook_size, config.num_classes
+        self.dropout_prob = config.class_dropout_prob
+
+    def forward(self, input_ids):
+        class_ids = (input_ids - self.codebook_size).clamp(0, self.num_classes)
+        if self.training and self.dropout_prob > 0:
+            dropped = torch.rand(class_ids.shape, device=class_ids.device) < self.dropout_prob
+            class_ids = class_ids.masked_fill(dropped, self.num_classes)
+        return super().forward(class_ids)
+
+
 class MergeARFactorizedHead(nn.Module):
     """Open-MAGVIT2-style output head: a small causal transformer over ``[h_t, E'_lo(lo)]`` per position.
 
@@ -261,17 +280,23 @@ class MergeARPreTrainedModel(ClearCheckpointErrorsMixin, PreTrainedModel):
 
 
 class MergeARModel(MergeARPreTrainedModel):
-    """The MergeAR backbone: prompt/image embeddings, decoder layers and final norm (no output head)."""
+    """The MergeAR backbone: prompt/image embeddings, decoder layers and final norm (no output head).
+
+    MergeRandAR's backbone is this one with one more prompt table (see :meth:`_add_prompt_embeddings`)."""
 
     def __init__(self, config: MergeARConfig):
         super().__init__(config)
         self.embed_image = MergeARImageEmbedding(config)
-        self.embed_class = nn.Embedding(config.num_classes + 1, config.hidden_size)  # + null class
+        self.embed_class = MergeARClassEmbedding(config)
         self.embed_merge = nn.Embedding(config.num_image_tokens + 1, config.hidden_size)  # indexed by K itself
+        self._add_prompt_embeddings(config)
         self.token_dropout = nn.Dropout(config.token_dropout)
         self.layers = nn.ModuleList(MergeARDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_init()
+
+    def _add_prompt_embeddings(self, config: MergeARConfig) -> None:
+        """Tables for further prompt ids, registered right after ``embed_merge``; MergeAR has none."""
 
     def _check_input_ids(self, input_ids):
         config = self.config
@@ -291,15 +316,10 @@ class MergeARModel(MergeARPreTrainedModel):
         codebook, classes = self.config.codebook_size, self.config.num_classes
         is_image = input_ids < codebook
         is_class = ~is_image & (input_ids <= codebook + classes)
-        class_ids = (input_ids - codebook).clamp(0, classes)
-        if self.training and self.config.class_dropout_prob > 0:
-            # Label dropout: train the null class, which classifier-free guidance uses as the unconditional branch.
-            dropped = torch.rand(class_ids.shape, device=class_ids.device) < self.config.class_dropout_prob
-            class_ids = class_ids.masked_fill(dropped, classes)
         image = self.embed_image(input_ids.clamp(0, codebook - 1))
         prompt = torch.where(
             is_class[..., None],
-            self.embed_class(class_ids),
+            self.embed_class(input_ids),
             self.embed_merge((input_ids - codebook - classes - 1).clamp(0, self.config.num_image_tokens)),
         )
         return torch.where(is_image[..., None], image, prompt)
@@ -392,18 +412,11 @@ def _integers(values, name: str, device) -> torch.LongTensor:
             raise ValueError(f"{name} must hold integers, got a numpy array of {values.dtype}.")
         return torch.as_tensor(values, dtype=torch.long, device=device).reshape(-1)
     items = list(values) if isinstance(values, (list, tuple)) else [values]
-    if not all(isinstance(item, Integral) and not isinstance(item, (bool, np.bool_)) for item in items):
+    if not all(is_integer(item) for item in items):
         raise ValueError(
             f"{name} must be an int or a list of ints (numpy ints and integer tensors work), got {values!r}."
         )
     return torch.tensor([int(item) for item in items], dtype=torch.long, device=device)
-
-
-def _check_cfg_scale(cfg_scale) -> None:
-    if cfg_scale is not None and not (
-        isinstance(cfg_scale, Real) and not isinstance(cfg_scale, bool) and math.isfinite(cfg_scale) and cfg_scale >= 0
-    ):
-        raise ValueError(f"cfg_scale must be None or a finite number >= 0 (1 = no guidance), got {cfg_scale!r}.")
 
 
 def _cache_rows(cache) -> int | None:
@@ -412,7 +425,51 @@ def _cache_rows(cache) -> int | None:
     return keys.shape[0] if isinstance(keys, torch.Tensor) and keys.dim() == 4 else None
 
 
-class MergeARForCausalLM(MergeARPreTrainedModel, GenerationMixin):
+class MergeARGeneratorMixin:
+    """What MergeAR and MergeRandAR share on top of their backbones: the code head, its logits and loss, and the
+    class-label check. The head is factorised (``config.factorized_bits``) or a dense ``nn.Linear`` up to 14 bits."""
+
+    def _init_code_head(self, config: MergeARConfig) -> None:
+        if config.factorized_bits is None:
+            self.lm_head = nn.Linear(config.hidden_size, config.codebook_size, bias=False)
+            self.lm_head.zero_init = True  # as LlamaGen: start from uniform predictions
+        else:
+            self.lm_head = MergeARFactorizedHead(config)
+
+    def logits(self, hidden_states):
+        """``[..., d]`` final states -> ``[..., V]`` code logits (joint log-probabilities with the factorised head)."""
+        if isinstance(self.lm_head, MergeARFactorizedHead):
+            return self.lm_head.joint_log_probs(hidden_states)
+        return self.lm_head(hidden_states)
+
+    def _code_loss(self, hidden_states, codes):
+        """Teacher-forced loss of ``codes`` ``[...]`` from states ``[..., d]``: mean ``CE(lo) + CE(hi | true lo)``
+        (``CE`` for a dense head), and its logits as output fields (``low_logits``/``high_logits`` or ``logits``)."""
+        smoothing = self.config.label_smoothing
+
+        def cross_entropy(logits, targets):
+            return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), label_smoothing=smoothing)
+
+        if isinstance(self.lm_head, nn.Linear):
+            logits = self.lm_head(hidden_states)
+            return cross_entropy(logits, codes), {"logits": logits}
+        low, high = split_indices(codes, self.lm_head.low_bits)
+        low_logits, high_logits = self.lm_head(hidden_states, low)
+        loss = cross_entropy(low_logits, low) + cross_entropy(high_logits, high)
+        return loss, {"low_logits": low_logits, "high_logits": high_logits}
+
+    def _check_class_labels(self, class_labels) -> torch.LongTensor:
+        """``[B]`` class ids in ``[0, num_classes]`` (``num_classes`` = null class) on the model's device."""
+        classes = self.config.num_classes
+        labels = _integers(class_labels, "class_labels", self.device)
+        if labels.numel() == 0 or ((labels < 0) | (labels > classes)).any():
+            raise ValueError(
+                f"class_labels must be class ids in [0, {classes}] ({classes} = null class), got {labels.tolist()}."
+            )
+        return labels
+
+
+class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, GenerationMixin):
     """MergeAR generator: backbone + output head (factorised for large codebooks, dense up to 14 bits).
 
     ``forward``'s logits cover all ``V`` image codes. With the factorised head they are the exact joint
@@ -431,22 +488,13 @@ class MergeARForCausalLM(MergeARPreTrainedModel, GenerationMixin):
     def __init__(self, config: MergeARConfig):
         super().__init__(config)
         self.model = MergeARModel(config)
-        if config.factorized_bits is None:
-            self.lm_head = nn.Linear(config.hidden_size, config.codebook_size, bias=False)
-            self.lm_head.zero_init = True  # as LlamaGen: start from uniform predictions
-        else:
-            self.lm_head = MergeARFactorizedHead(config)
+        self._init_code_head(config)
         self.post_init()
 
     def build_prompt(self, class_labels, num_tokens=None) -> torch.LongTensor:
         """``[B, 2]`` prompt ids ``[V + class, V + C + 1 + K]``; ``num_tokens`` is an int or ``[B]`` (default K)."""
         config = self.config
-        labels = _integers(class_labels, "class_labels", self.device)
-        if labels.numel() == 0 or ((labels < 0) | (labels > config.num_classes)).any():
-            raise ValueError(
-                f"class_labels must be class ids in [0, {config.num_classes}] ({config.num_classes} = null class), "
-                f"got {labels.tolist()}."
-            )
+        labels = self._check_class_labels(class_labels)
         if num_tokens is None:
             num_tokens = config.default_num_tokens
         counts = _integers(num_tokens, "num_tokens", self.device)
@@ -456,23 +504,6 @@ class MergeARForCausalLM(MergeARPreTrainedModel, GenerationMixin):
             raise ValueError(f"num_tokens (K) must be in [1, L = {config.num_image_tokens}], got {counts.tolist()}.")
         merge_ids = config.codebook_size + config.num_classes + 1 + counts.expand(labels.numel())
         return torch.stack([config.codebook_size + labels, merge_ids], dim=1)
-
-    def logits(self, hidden_states):
-        """``[..., d]`` final states -> ``[..., V]`` logits (joint log-probabilities with the factorised head)."""
-        if isinstance(self.lm_head, MergeARFactorizedHead):
-            return self.lm_head.joint_log_probs(hidden_states)
-        return self.lm_head(hidden_states)
-
-    def _loss(self, hidden_states, labels):
-        smoothing = self.config.label_smoothing
-        if isinstance(self.lm_head, nn.Linear):
-            logits = self.lm_head(hidden_states)
-            return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), label_smoothing=smoothing), logits
-        low, high = split_indices(labels, self.lm_head.low_bits)
-        low_logits, high_logits = self.lm_head(hidden_states, low)
-        loss = F.cross_entropy(low_logits.flatten(0, 1).float(), low.flatten(), label_smoothing=smoothing)
-        loss = loss + F.cross_entropy(high_logits.flatten(0, 1).float(), high.flatten(), label_smoothing=smoothing)
-        return loss, (low_logits, high_logits)
 
     def _check_labels(self, labels, batch):
         length, codebook = self.config.num_image_tokens, self.config.codebook_size
@@ -532,14 +563,13 @@ class MergeARForCausalLM(MergeARPreTrainedModel, GenerationMixin):
             self._check_labels(labels, input_ids.shape[0])
             sequence = torch.cat([input_ids, labels[:, :-1]], dim=1)
             outputs = self.model(sequence, use_cache=False, **recorded)
-            loss, logits = self._loss(outputs.last_hidden_state[:, NUM_PREFIX - 1 :], labels)
-            recorded = dict(hidden_states=outputs.hidden_states, attentions=outputs.attentions)
-            if isinstance(logits, tuple):
-                return MergeARCausalLMOutput(loss=loss, low_logits=logits[0], high_logits=logits[1], **recorded)
-            return MergeARCausalLMOutput(loss=loss, logits=logits, **recorded)
+            loss, logits = self._code_loss(outputs.last_hidden_state[:, NUM_PREFIX - 1 :], labels)
+            return MergeARCausalLMOutput(
+                loss=loss, hidden_states=outputs.hidden_states, attentions=outputs.attentions, **logits
+            )
 
-        _check_cfg_scale(cfg_scale)
-        guided = cfg_scale is not None and cfg_scale != 1.0
+        cfg_scale = check_guidance_scale(cfg_scale)
+        guided = cfg_scale is not None
         batch = input_ids.shape[0]
         if guided:
             input_ids, attention_mask, position_ids = self._guidance_batch(
@@ -691,9 +721,9 @@ class MergeARForCausalLM(MergeARPreTrainedModel, GenerationMixin):
         # transformers' `guidance_scale` would run its unbatched CFG with a one-token negative prompt: map it onto ours.
         guidance_scale = config.guidance_scale
         config.guidance_scale = 1.0  # 1.0, not None: None would be refilled from model.generation_config
-        _check_cfg_scale(cfg_scale)
+        check_guidance_scale(cfg_scale)
         if guidance_scale is not None and guidance_scale != 1.0:
-            _check_cfg_scale(guidance_scale)
+            check_guidance_scale(guidance_scale)
             if cfg_scale is not None and cfg_scale != guidance_scale:
                 raise ValueError(
                     f"cfg_scale={cfg_scale} and guidance_scale={guidance_scale} disagree; pass one of them."
@@ -703,19 +733,9 @@ class MergeARForCausalLM(MergeARPreTrainedModel, GenerationMixin):
 
     @staticmethod
     def _check_generation_config(config) -> None:
-        # None leaves a filter off, as in transformers.
-        temperature, top_k, top_p = config.temperature, config.top_k, config.top_p
-        if temperature is not None and not (
-            isinstance(temperature, Real) and not isinstance(temperature, bool) and math.isfinite(temperature)
-            and temperature > 0
-        ):
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
-        if top_k is not None and not (isinstance(top_k, Integral) and not isinstance(top_k, bool) and top_k >= 0):
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}.")
-        if top_p is not None and not (
-            isinstance(top_p, Real) and not isinstance(top_p, bool) and math.isfinite(top_p) and 0 < top_p <= 1
-        ):
-            raise ValueError(f"top_p must be a number in (0, 1] (1 = off), got {top_p!r}.")
+        # None leaves a filter off, as in transformers (an unset temperature is 1).
+        temperature = 1.0 if config.temperature is None else config.temperature
+        check_sampling_arguments(temperature, config.top_k, config.top_p)
         punishing = {
             "repetition_penalty": config.repetition_penalty not in (None, 1.0),
             "encoder_repetition_penalty": config.encoder_repetition_penalty not in (None, 1.0),

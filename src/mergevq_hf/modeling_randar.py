@@ -2,8 +2,9 @@
 
 The paper's best generator (Table 3) produces the K merged tokens of an image in random order, RandAR style, and
 decodes them after the tokenizer's learned source recovery has predicted the merge map. This module is that path,
-built from MergeAR's blocks (decoder layers, 2-D RoPE, factorised image embedding and head, class token with a null
-class for guidance); only the sequence layout and the decoding loop are new.
+built from MergeAR's blocks (decoder layers, 2-D RoPE, factorised image embedding, class token with a null class for
+guidance) and its code head, logits, loss and argument checks (``MergeARGeneratorMixin``, ``sampling_utils``); only
+the sequence layout, the position head and the decoding loop are new.
 
 Sequence (teacher forcing)::
 
@@ -49,14 +50,13 @@ from .configuration_randar import MergeRandARConfig
 from .generation_mergear import MergeARSampler  # noqa: F401
 from .modeling_mergear import (
     NUM_PREFIX,
-    MergeARDecoderLayer,
-    MergeARFactorizedHead,
-    MergeARImageEmbedding,
+    MergeARGeneratorMixin,
+    MergeARModel,
     MergeARPreTrainedModel,
     rotary_2d,
 )
-from .quantization_lfq import split_indices
-from .sampling_utils import sample_rows
+from .quantization_lfq import split_indices  # noqa: F401  (modeling_mergear's sibling)
+from .sampling_utils import check_guidance_scale, check_guidance_schedule, check_sampling_arguments, sample_rows
 
 IGNORE_INDEX = -100  # padding of `labels` / `token_positions` when a batch mixes several K
 
@@ -112,19 +112,12 @@ class MergeRandARPreTrainedModel(MergeARPreTrainedModel):
     config_class = MergeRandARConfig
 
 
-class MergeRandARModel(MergeRandARPreTrainedModel):
-    """Backbone: embeddings of codes, class, merge and position instructions; MergeAR decoder layers; final norm."""
+class MergeRandARModel(MergeRandARPreTrainedModel, MergeARModel):
+    """Backbone: MergeAR's (embeddings of codes, class and merge instruction; decoder layers; final norm) plus the
+    position-instruction table, with this model's id layout and attention (no repeat eviction)."""
 
-    def __init__(self, config: MergeRandARConfig):
-        super().__init__(config)
-        self.embed_image = MergeARImageEmbedding(config)
-        self.embed_class = nn.Embedding(config.num_classes + 1, config.hidden_size)  # + null class
-        self.embed_merge = nn.Embedding(config.num_image_tokens + 1, config.hidden_size)  # indexed by K itself
+    def _add_prompt_embeddings(self, config: MergeRandARConfig) -> None:
         self.embed_position = nn.Embedding(config.num_image_tokens, config.hidden_size)  # position instructions
-        self.token_dropout = nn.Dropout(config.token_dropout)
-        self.layers = nn.ModuleList(MergeARDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_init()
 
     @property
     def merge_base(self) -> int:
@@ -137,14 +130,9 @@ class MergeRandARModel(MergeRandARPreTrainedModel):
     def embed(self, input_ids):
         """Embed a mixed sequence of codes, class, merge-instruction and position-instruction ids."""
         config = self.config
-        codebook, classes, length = config.codebook_size, config.num_classes, config.num_image_tokens
-        class_ids = (input_ids - codebook).clamp(0, classes)
-        if self.training and config.class_dropout_prob > 0:
-            # Label dropout: trains the null class, the unconditional branch of classifier-free guidance.
-            dropped = torch.rand(class_ids.shape, device=class_ids.device) < config.class_dropout_prob
-            class_ids = class_ids.masked_fill(dropped, classes)
+        codebook, length = config.codebook_size, config.num_image_tokens
         embedded = self.embed_image(input_ids.clamp(0, codebook - 1))
-        embedded = torch.where((input_ids >= codebook)[..., None], self.embed_class(class_ids), embedded)
+        embedded = torch.where((input_ids >= codebook)[..., None], self.embed_class(input_ids), embedded)
         merge = self.embed_merge((input_ids - self.merge_base).clamp(0, length))
         embedded = torch.where((input_ids > self.merge_base)[..., None], merge, embedded)
         position = self.embed_position((input_ids - self.position_base).clamp(0, length - 1))
@@ -197,7 +185,7 @@ def _sample(probs: torch.Tensor, generator) -> torch.LongTensor:
     return torch.multinomial(probs.to(device), 1, generator=generator)[:, 0].to(probs.device)
 
 
-class MergeRandARForCausalLM(MergeRandARPreTrainedModel):
+class MergeRandARForCausalLM(MergeARGeneratorMixin, MergeRandARPreTrainedModel):
     """Random-order generator of MergeVQ's K merged tokens (see the module docstring).
 
     Training (stock ``Trainer``; see ``mergevq_hf.training.trainer_randar``)::
@@ -214,11 +202,7 @@ class MergeRandARForCausalLM(MergeRandARPreTrainedModel):
     def __init__(self, config: MergeRandARConfig):
         super().__init__(config)
         self.model = MergeRandARModel(config)
-        if config.factorized_bits is None:
-            self.lm_head = nn.Linear(config.hidden_size, config.codebook_size, bias=False)
-            self.lm_head.zero_init = True  # as LlamaGen: start from uniform predictions
-        else:
-            self.lm_head = MergeARFactorizedHead(config)
+        self._init_code_head(config)
         self.position_head = nn.Linear(config.hidden_size, config.num_image_tokens, bias=False)
         self.position_head.zero_init = True  # uniform over positions at the start
         self.post_init()
@@ -226,15 +210,7 @@ class MergeRandARForCausalLM(MergeRandARPreTrainedModel):
     # ---- ids and checks ----------------------------------------------------------------------------------------
 
     def _class_ids(self, class_labels) -> torch.LongTensor:
-        classes = self.config.num_classes
-        labels = torch.as_tensor(class_labels, device=self.device).reshape(-1)
-        if labels.is_floating_point() or labels.dtype == torch.bool:
-            raise ValueError(f"class_labels must be integer class ids, got dtype {labels.dtype}.")
-        if labels.numel() == 0 or ((labels < 0) | (labels > classes)).any():
-            raise ValueError(
-                f"class_labels must be class ids in [0, {classes}] ({classes} = null class), got {labels.tolist()}."
-            )
-        return labels.long() + self.config.codebook_size
+        return self._check_class_labels(class_labels) + self.config.codebook_size
 
     def _check_positions(self, positions, name: str) -> None:
         length = self.config.num_image_tokens
@@ -284,24 +260,7 @@ class MergeRandARForCausalLM(MergeRandARPreTrainedModel):
         grid_positions = torch.cat([torch.zeros_like(positions[:, :2]), positions.repeat_interleave(2, dim=1)], 1)
         return input_ids, grid_positions[:, :-1]
 
-    # ---- heads and losses --------------------------------------------------------------------------------------
-
-    def logits(self, hidden_states):
-        """``[..., d]`` final states -> ``[..., V]`` code logits (joint log-probabilities with the factorised head)."""
-        if isinstance(self.lm_head, MergeARFactorizedHead):
-            return self.lm_head.joint_log_probs(hidden_states)
-        return self.lm_head(hidden_states)
-
-    def _code_loss(self, hidden_states, codes):
-        smoothing = self.config.label_smoothing
-        if isinstance(self.lm_head, nn.Linear):
-            logits = self.lm_head(hidden_states)
-            return F.cross_entropy(logits.float(), codes, label_smoothing=smoothing), {"logits": logits}
-        low, high = split_indices(codes, self.lm_head.low_bits)
-        low_logits, high_logits = self.lm_head(hidden_states, low)
-        loss = F.cross_entropy(low_logits.float(), low, label_smoothing=smoothing)
-        loss = loss + F.cross_entropy(high_logits.float(), high, label_smoothing=smoothing)
-        return loss, {"low_logits": low_logits, "high_logits": high_logits}
+    # ---- position loss (the code head, its logits and loss come from MergeARGeneratorMixin) -------------------------
 
     def _position_loss(self, position_logits, token_positions):
         """Cross-entropy against the uniform distribution over the positions not generated yet.
@@ -395,19 +354,6 @@ class MergeRandARForCausalLM(MergeRandARPreTrainedModel):
         self._check_positions(positions, "positions")
         return positions.long()
 
-    @staticmethod
-    def _check_sampling(cfg_scale, cfg_schedule, temperature, top_k, top_p):
-        if cfg_scale is not None and not (isinstance(cfg_scale, (int, float)) and cfg_scale >= 0):
-            raise ValueError(f"cfg_scale must be None or a number >= 0 (1 = no guidance), got {cfg_scale!r}.")
-        if cfg_schedule not in ("constant", "linear"):
-            raise ValueError(f"cfg_schedule must be 'constant' or 'linear', got {cfg_schedule!r}.")
-        if not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ValueError(f"temperature must be a number > 0, got {temperature!r}.")
-        if top_k is not None and not (isinstance(top_k, int) and top_k >= 0):
-            raise ValueError(f"top_k must be None or an integer >= 0 (0 = off), got {top_k!r}.")
-        if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-            raise ValueError(f"top_p must be None or a number in (0, 1] (1 = off), got {top_p!r}.")
-
     @torch.no_grad()
     def generate(
         self,
@@ -445,7 +391,9 @@ class MergeRandARForCausalLM(MergeRandARPreTrainedModel):
             callback: called after every step with the step index and the ``[B]`` codes just drawn (e.g. a progress
                 bar); a returned ``[B]`` tensor replaces those codes (the next step reads it).
         """
-        self._check_sampling(cfg_scale, cfg_schedule, temperature, top_k, top_p)
+        cfg_scale = check_guidance_scale(cfg_scale)
+        check_guidance_schedule(cfg_schedule)
+        check_sampling_arguments(temperature, top_k, top_p)
         class_ids = self._class_ids(class_labels)
         batch, length = class_ids.numel(), self.config.num_image_tokens
         order = None if positions is None else self._generation_order(positions, batch, num_tokens)
@@ -455,7 +403,7 @@ class MergeRandARForCausalLM(MergeRandARPreTrainedModel):
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or not 1 <= num_tokens <= length:
             raise ValueError(f"num_tokens (K) must be an integer in [1, L = {length}], got {num_tokens!r}.")
 
-        guided = cfg_scale is not None and cfg_scale != 1.0
+        guided = cfg_scale is not None
         rows = torch.arange(batch, device=self.device)
         prompt = torch.stack([class_ids, torch.full_like(class_ids, self.model.merge_base + num_tokens)], 1)
         if guided:

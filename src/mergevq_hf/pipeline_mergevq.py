@@ -9,7 +9,6 @@ components are used through their public methods and configs only.
 import os
 import tempfile
 from dataclasses import dataclass
-from numbers import Integral, Real
 
 import numpy as np
 import torch
@@ -20,9 +19,9 @@ from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .image_processing_mergevq import MergeVQImageProcessor
+from .sampling_utils import check_guidance_scale, check_guidance_schedule, check_sampling_arguments, is_integer
 
 OUTPUT_TYPES = ("pil", "np", "pt")
-GUIDANCE_SCHEDULES = ("constant", "linear")
 
 # Model-card metadata shared by every card this project writes (`mergevq_hf.hub` reuses it).
 CARD_LICENSE = "apache-2.0"
@@ -73,10 +72,6 @@ class _AfterEachStep(StoppingCriteria):
             next_tokens = self.step_callback(self.step, next_tokens)
         self.step += 1
         return next_tokens
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 class MergeVQPipeline(DiffusionPipeline):
@@ -214,14 +209,14 @@ class MergeVQPipeline(DiffusionPipeline):
         with `set_progress_bar_config`.
         """
         labels = self._check_class_labels(class_labels)
-        if not _is_int(num_images_per_class) or num_images_per_class < 1:
+        if not is_integer(num_images_per_class) or num_images_per_class < 1:
             raise ValueError(f"num_images_per_class must be a positive integer, got {num_images_per_class!r}")
         num_tokens = self._check_num_tokens(num_tokens, self.transformer.config.default_num_tokens)
-        cfg_scale = self._check_sampling(guidance_scale, temperature, top_k, top_p)
+        cfg_scale = check_guidance_scale(guidance_scale, "guidance_scale")
+        check_sampling_arguments(temperature, top_k, top_p)
         if not isinstance(token_budget, bool):
             raise ValueError(f"token_budget must be True or False, got {token_budget!r}")
-        if guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
+        check_guidance_schedule(guidance_schedule, "guidance_schedule")
         if guidance_schedule != "constant" and self.generation_mode != "random":
             raise ValueError("guidance_schedule='linear' needs a random-order (MergeRandAR) transformer")
         self._check_output_type(output_type)
@@ -358,7 +353,7 @@ class MergeVQPipeline(DiffusionPipeline):
 
     def _check_class_labels(self, class_labels) -> torch.LongTensor:
         num_classes = self.transformer.config.num_classes
-        if _is_int(class_labels):
+        if is_integer(class_labels):
             class_labels = [class_labels]
         if isinstance(class_labels, torch.Tensor):
             if class_labels.is_floating_point() or class_labels.dtype == torch.bool or class_labels.ndim > 1:
@@ -372,7 +367,7 @@ class MergeVQPipeline(DiffusionPipeline):
                     f"class_labels must be a 1-D integer array, got {class_labels.dtype} {class_labels.shape}"
                 )
             class_labels = class_labels.reshape(-1).tolist()
-        if not isinstance(class_labels, (list, tuple)) or not all(_is_int(label) for label in class_labels):
+        if not isinstance(class_labels, (list, tuple)) or not all(is_integer(label) for label in class_labels):
             raise ValueError(
                 f"class_labels must be an int or a list of ints in [0, {num_classes}), got {class_labels!r}"
             )
@@ -388,26 +383,9 @@ class MergeVQPipeline(DiffusionPipeline):
     def _check_num_tokens(self, num_tokens, default: int) -> int:
         num_patches = self.vq_model.config.num_patches
         num_tokens = default if num_tokens is None else num_tokens
-        if not _is_int(num_tokens) or not 1 <= num_tokens <= num_patches:
+        if not is_integer(num_tokens) or not 1 <= num_tokens <= num_patches:
             raise ValueError(f"num_tokens must be an integer K with 1 <= K <= L = {num_patches}, got {num_tokens!r}")
         return int(num_tokens)
-
-    @staticmethod
-    def _check_sampling(guidance_scale, temperature, top_k, top_p) -> float | None:
-        def is_real(value):
-            return isinstance(value, Real) and not isinstance(value, bool) and np.isfinite(value)
-
-        if guidance_scale is not None and not (is_real(guidance_scale) and guidance_scale >= 0):
-            raise ValueError(
-                f"guidance_scale must be None or a number >= 0 (1.0 = no guidance), got {guidance_scale!r}"
-            )
-        if not (is_real(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
-        if top_k is not None and not (_is_int(top_k) and top_k >= 0):
-            raise ValueError(f"top_k must be None or an integer >= 0 (0 = off), got {top_k!r}")
-        if top_p is not None and not (is_real(top_p) and 0 < top_p <= 1):
-            raise ValueError(f"top_p must be None or a number in (0, 1] (1 = off), got {top_p!r}")
-        return None if guidance_scale is None or guidance_scale == 1.0 else float(guidance_scale)
 
     @staticmethod
     def _check_output_type(output_type):

@@ -1,12 +1,54 @@
-"""Per-row random draws, so that an image depends on its own generator only and not on the batch it was made in.
+"""Sampling helpers shared by MergeAR, MergeRandAR and the pipeline: argument checks and per-row random draws.
 
-One `torch.multinomial` over a whole batch consumes one random stream for all rows: row i's sample then depends on
+The checks give every entry point (`MergeARForCausalLM.generate`, `MergeRandARForCausalLM.generate`,
+`MergeVQPipeline.__call__`) the same rules and messages for guidance, temperature, top-k and top-p.
+
+Per-row draws make an image depend on its own generator only and not on the batch it was made in. One
+`torch.multinomial` over a whole batch consumes one random stream for all rows: row i's sample then depends on
 how many rows came before it. Drawing each row from its own `torch.Generator` makes image i of a grid reproducible
 alone. The decoding loops of MergeAR (`generate(generators=...)`) and MergeRandAR (`generate(generator=[...])`)
 call `sample_rows` with the per-image generators the pipeline hands them.
 """
 
+import math
+from numbers import Integral, Real
+
 import torch
+
+GUIDANCE_SCHEDULES = ("constant", "linear")
+
+
+def is_integer(value) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def is_finite_number(value) -> bool:
+    """A finite Python or numpy real number, not a bool."""
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_guidance_scale(scale, name: str = "cfg_scale") -> float | None:
+    """Classifier-free guidance scale `s` of `u + s (c - u)`: None when guidance is off (None or 1), else a float."""
+    if scale is not None and not (is_finite_number(scale) and scale >= 0):
+        raise ValueError(f"{name} must be None or a finite number >= 0 (1 = no guidance), got {scale!r}.")
+    return None if scale is None or scale == 1 else float(scale)
+
+
+def check_guidance_schedule(schedule, name: str = "cfg_schedule") -> None:
+    if schedule not in GUIDANCE_SCHEDULES:
+        raise ValueError(f"{name} must be one of {GUIDANCE_SCHEDULES}, got {schedule!r}.")
+
+
+def check_sampling_arguments(temperature, top_k, top_p) -> None:
+    """`temperature` a finite number > 0; `top_k` None or an integer >= 0 (0 = off); `top_p` None or in (0, 1]."""
+    if not (is_finite_number(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a number > 0 and finite, got {temperature!r}.")
+    if top_k is not None and not (is_integer(top_k) and top_k >= 0):
+        raise ValueError(f"top_k must be None or an integer >= 0 (0 = off), got {top_k!r}.")
+    if top_p is not None and not (is_finite_number(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or a number in (0, 1] (1 = off), got {top_p!r}.")
+
 
 
 def check_generators(generators, batch_size: int) -> list[torch.Generator]:
@@ -39,4 +81,13 @@ def sample_rows(probs: torch.Tensor, generators) -> torch.LongTensor:
     return torch.stack(samples) if samples else torch.empty(0, dtype=torch.long, device=probs.device)
 
 
-__all__ = ["check_generators", "sample_rows"]
+__all__ = [
+    "GUIDANCE_SCHEDULES",
+    "check_generators",
+    "check_guidance_scale",
+    "check_guidance_schedule",
+    "check_sampling_arguments",
+    "is_finite_number",
+    "is_integer",
+    "sample_rows",
+]

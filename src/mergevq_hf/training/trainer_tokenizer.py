@@ -393,6 +393,8 @@ class MergeVQTrainer(ShardedTrainingMixin, AtomicCheckpointMixin, Trainer):
 @torch.no_grad()
 def reconstruction_metrics(model, pixel_values: torch.Tensor, num_tokens: int | None = None, batch_size: int = 64) -> dict[str, float]:
     """Mean L1 and PSNR (dB, images in [-1, 1]) of ``model``'s reconstructions of ``pixel_values`` at K = ``num_tokens``."""
+    from ..evaluation.metrics import psnr as per_image_psnr  # the one PSNR definition (per image, on [0, 1])
+
     if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
         raise ValueError(f"pixel_values must be a tensor [N, C, H, W] in [-1, 1], got {getattr(pixel_values, 'shape', type(pixel_values))}")
     was_training = model.training
@@ -404,7 +406,6 @@ def reconstruction_metrics(model, pixel_values: torch.Tensor, num_tokens: int | 
         enc = model.encode(batch, num_tokens=num_tokens)
         rec = model.decode(enc.indices, enc.source_map)
         l1.append((rec - batch).abs().flatten(1).mean(1))
-        mse = ((rec - batch) / 2).pow(2).flatten(1).mean(1)  # on the [0, 1] scale
-        psnr.append(-10 * torch.log10(mse.clamp_min(1e-10)))
+        psnr.append(per_image_psnr(rec.float().cpu(), batch.float().cpu(), reduction="none"))
     model.train(was_training)
     return {"l1": float(torch.cat(l1).mean()), "psnr": float(torch.cat(psnr).mean())}

@@ -17,16 +17,16 @@ _IMAGE = datasets.Sequence(datasets.Sequence(datasets.Sequence(datasets.Value("f
 class SSIM(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
-            description="Structural similarity (Wang et al. 2004), 11x11 Gaussian window (sigma 1.5), per image, averaged.",
+            description="Structural similarity (Wang et al. 2004) on images mapped to [0, 1], 11x11 Gaussian window (sigma 1.5), per image, averaged (torchmetrics).",
             citation="Wang, Bovik, Sheikh, Simoncelli. Image quality assessment: from error visibility to structural similarity. IEEE TIP 2004.",
             inputs_description=(
                 "predictions, references: images [N, C, H, W] (arrays or nested lists, H, W >= 11), by default in "
-                "[-1, 1]. data_range: max - min of the pixel scale (default 2.0). Returns {'ssim': float}."
+                "[-1, 1]. value_range: (low, high) of the pixel scale (default (-1, 1)). Returns {'ssim': float}."
             ),
             features=datasets.Features({"predictions": _IMAGE, "references": _IMAGE}),
         )
 
-    def _compute(self, predictions, references, data_range=2.0):
+    def _compute(self, predictions, references, value_range=(-1.0, 1.0)):
         prediction = torch.from_numpy(np.asarray(predictions, dtype=np.float32))
         reference = torch.from_numpy(np.asarray(references, dtype=np.float32))
-        return {"ssim": float(ssim(prediction, reference, data_range=data_range))}
+        return {"ssim": float(ssim(prediction, reference, value_range=tuple(value_range)))}
