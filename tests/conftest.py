@@ -119,3 +119,37 @@ def train_logs():
         return {entry["step"]: entry for entry in log_history if "loss" in entry}
 
     return by_step
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """Factory of small MergeAR models (L = 36, 6-bit codes split 3+3, no dropout) with random, non-zero heads, so
+    that their logits are informative: ``tiny_model(seed=0, **config_overrides)``."""
+    from mergevq_hf.configuration_mergear import MergeARConfig
+    from mergevq_hf.modeling_mergear import MergeARForCausalLM
+
+    no_dropout = {"token_dropout": 0.0, "resid_dropout": 0.0, "ffn_dropout": 0.0, "class_dropout_prob": 0.0}
+    small = {"grid_size": 6, "codebook_bits": 6, "factorized_bits": [3, 3]}  # generation tests stay fast on 2 cores
+
+    def make(seed=0, **overrides):
+        torch.manual_seed(seed)
+        model = MergeARForCausalLM(MergeARConfig.from_preset("tiny", **{**no_dropout, **small, **overrides})).eval()
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.normal_(0.0, 0.1)
+        return model
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def null_swapped():
+    """``null_swapped(model, sequence)``: the sequence with every class token replaced by the null class (the
+    unconditional branch of classifier-free guidance)."""
+
+    def swap(model, sequence):
+        config = model.config
+        is_class = (sequence >= config.codebook_size) & (sequence <= config.codebook_size + config.num_classes)
+        return sequence.masked_fill(is_class, config.codebook_size + config.num_classes)
+
+    return swap

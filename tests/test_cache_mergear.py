@@ -5,20 +5,6 @@ import torch
 from transformers import DynamicCache
 
 from mergevq_hf.cache_mergear import MergeARCache, build_sparsity_mask
-from mergevq_hf.configuration_mergear import MergeARConfig
-from mergevq_hf.modeling_mergear import MergeARForCausalLM
-
-NO_DROPOUT = {"token_dropout": 0.0, "resid_dropout": 0.0, "ffn_dropout": 0.0, "class_dropout_prob": 0.0}
-SMALL = {"grid_size": 6, "codebook_bits": 6, "factorized_bits": [3, 3]}  # L = 36 tokens: step-by-step tests stay fast on 2 cores
-
-
-def tiny_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    model = MergeARForCausalLM(MergeARConfig.from_preset("tiny", **{**NO_DROPOUT, **SMALL, **overrides})).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():  # random, non-zero heads: informative logits
-            parameter.normal_(0.0, 0.1)
-    return model
 
 
 def repeating_sequences(model, batch, seed):
@@ -63,7 +49,7 @@ def test_sparsity_mask_matches_its_definition(window):
 
 
 @pytest.mark.parametrize("window", [1, 3])
-def test_cache_equals_sparse_recomputation_and_bounds_storage(window):
+def test_cache_equals_sparse_recomputation_and_bounds_storage(tiny_model, window):
     model = tiny_model(repeat_window=window)
     sequence = repeating_sequences(model, batch=3, seed=window)
     reference = model(input_ids=sequence, use_cache=False).logits
@@ -83,7 +69,7 @@ def test_cache_equals_sparse_recomputation_and_bounds_storage(window):
 
 
 @pytest.mark.parametrize("chunks", [[5, 1, 1, 20, 10], [37]])
-def test_cache_handles_multi_token_chunks(chunks):
+def test_cache_handles_multi_token_chunks(tiny_model, chunks):
     model = tiny_model(repeat_window=3)
     sequence = repeating_sequences(model, batch=3, seed=7)
     reference = model(input_ids=sequence, use_cache=False).logits
@@ -91,7 +77,7 @@ def test_cache_handles_multi_token_chunks(chunks):
     torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-5)
 
 
-def test_without_repeats_the_compressed_cache_equals_dynamic_cache():
+def test_without_repeats_the_compressed_cache_equals_dynamic_cache(tiny_model):
     model = tiny_model()
     config = model.config
     codes = torch.stack([torch.randperm(config.codebook_size)[: config.num_image_tokens - 1] for _ in range(2)])
@@ -104,7 +90,7 @@ def test_without_repeats_the_compressed_cache_equals_dynamic_cache():
     assert compressed.stored_length() == 1 + sequence.shape[1]
 
 
-def test_window_covering_the_sequence_and_no_compression_equal_dynamic_cache():
+def test_window_covering_the_sequence_and_no_compression_equal_dynamic_cache(tiny_model):
     model = tiny_model()
     sequence = repeating_sequences(model, batch=3, seed=3)
     chunks = [2] + [1] * (sequence.shape[1] - 2)
@@ -115,7 +101,7 @@ def test_window_covering_the_sequence_and_no_compression_equal_dynamic_cache():
     torch.testing.assert_close(feed(wide, sequence, MergeARCache(wide.config), chunks), full, rtol=1e-4, atol=1e-5)
 
 
-def test_row_operations_follow_the_rows():
+def test_row_operations_follow_the_rows(tiny_model):
     model = tiny_model(repeat_window=2)
     sequence = repeating_sequences(model, batch=3, seed=5)
     head, tail = sequence[:, :30], sequence[:, 30:34]
@@ -136,7 +122,7 @@ def test_row_operations_follow_the_rows():
     torch.testing.assert_close(feed(model, tail[[2, 0]], cache, [1] * 4), feed(model, tail[[2, 0]], fresh, [1] * 4))
 
 
-def test_guided_cache_reorders_both_halves():
+def test_guided_cache_reorders_both_halves(tiny_model):
     model = tiny_model()
     sequence = repeating_sequences(model, batch=2, seed=11)
     head, tail = sequence[:, :20], sequence[:, 20:24]
@@ -150,7 +136,7 @@ def test_guided_cache_reorders_both_halves():
     torch.testing.assert_close(reordered, rebuilt)
 
 
-def test_cache_contract_and_misuse():
+def test_cache_contract_and_misuse(tiny_model):
     model = tiny_model()
     cache = MergeARCache(model.config)
     assert not cache.is_croppable and cache.get_seq_length() == 0 and cache.stored_bytes() == 0

@@ -313,7 +313,7 @@ def test_sample_and_gather_two_processes_match_one(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
+def tiny_tokenizer():
     torch.manual_seed(0)
     return MergeVQModel(MergeVQConfig.from_preset("tiny")).eval()
 
@@ -330,9 +330,9 @@ def _pixels4x4():
     return ModuleFeatures(lambda x: torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1), name="pixels")
 
 
-def test_evaluate_reconstruction_rows(tiny_model):
+def test_evaluate_reconstruction_rows(tiny_tokenizer):
     images, _ = _procedural(12)
-    rows = evaluate_reconstruction(tiny_model, images, num_tokens=(16, 64), feature_networks=(_pixels4x4(),), batch_size=5, kid_subset_size=6)
+    rows = evaluate_reconstruction(tiny_tokenizer, images, num_tokens=(16, 64), feature_networks=(_pixels4x4(),), batch_size=5, kid_subset_size=6)
     assert [row["num_tokens"] for row in rows] == [16, 64] and all(row["num_samples"] == 12 for row in rows)
     for row in rows:
         assert math.isfinite(row["psnr"]) and -1 <= row["ssim"] <= 1 and 0 < row["codebook_usage"] <= 1
@@ -355,26 +355,26 @@ def test_evaluate_generation_with_a_perfect_sampler():
     assert {"fd/lenet-fashion", "kid/lenet-fashion", "recall/lenet-fashion", "fd/pixels"} <= result.keys()
 
 
-def test_trainer_psnr_is_the_evaluation_psnr(tiny_model):
+def test_trainer_psnr_is_the_evaluation_psnr(tiny_tokenizer):
     from mergevq_hf.training import reconstruction_metrics
 
     images, _ = _procedural(6)
     with torch.no_grad():
-        encoded = tiny_model.encode(images, num_tokens=16)
-        reconstruction = tiny_model.decode(encoded.indices, encoded.source_map)
+        encoded = tiny_tokenizer.encode(images, num_tokens=16)
+        reconstruction = tiny_tokenizer.decode(encoded.indices, encoded.source_map)
     expected = float(psnr(reconstruction, images))
-    assert reconstruction_metrics(tiny_model, images, num_tokens=16, batch_size=4)["psnr"] == pytest.approx(expected, rel=1e-4)
+    assert reconstruction_metrics(tiny_tokenizer, images, num_tokens=16, batch_size=4)["psnr"] == pytest.approx(expected, rel=1e-4)
 
 
-def test_evaluate_representation(tiny_model):
+def test_evaluate_representation(tiny_tokenizer):
     train_x, train_y = _procedural(40, seed=0)
     test_x, test_y = _procedural(20, seed=1)
-    result = evaluate_representation(tiny_model, train_x, train_y, test_x, test_y, pooling="mean", knn_k=5)
+    result = evaluate_representation(tiny_tokenizer, train_x, train_y, test_x, test_y, pooling="mean", knn_k=5)
     assert 0 <= result["linear_probe"] <= 1 and 0 <= result["knn5"] <= 1 and result["num_train"] == 40
 
 
-def test_cli_reconstruction_on_a_saved_tokenizer(tiny_model, tmp_path, capsys):
-    tiny_model.save_pretrained(tmp_path / "tok")
+def test_cli_reconstruction_on_a_saved_tokenizer(tiny_tokenizer, tmp_path, capsys):
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
     out = tmp_path / "res.json"
     argv = ["reconstruction", "--model", str(tmp_path / "tok"), "--dataset", "procedural", "--num-samples", "8", "--num-tokens", "16", "--output", str(out), "--markdown", "--features", "lenet-fashion"]
     assert eval_main(argv) == 0

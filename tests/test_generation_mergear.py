@@ -12,8 +12,6 @@ from mergevq_hf.cache_mergear import MergeARCache, build_sparsity_mask
 from mergevq_hf.generation_mergear import MergeARSubTokenOutput, distinct_counts, paused_gc
 from mergevq_hf.quantization_lfq import merge_indices
 
-from test_mergear import null_swapped, tiny_model
-
 GRID = {"grid_size": 4}  # L = 16: many generate calls stay fast on 2 cores
 L = 16
 
@@ -32,7 +30,9 @@ def filtered(scores, temperature, top_k, top_p):
     return scores
 
 
-def reference_sub_token_loop(model, class_labels, num_tokens, cfg_scale, do_sample, temperature, top_k, top_p):
+def reference_sub_token_loop(
+    model, null_swapped, class_labels, num_tokens, cfg_scale, do_sample, temperature, top_k, top_p
+):
     """Open-MAGVIT2-style sampling without any cache: the whole sequence is recomputed under the sparsity mask."""
     head, window = model.lm_head, model.config.repeat_window
     sequence = model.build_prompt(class_labels, num_tokens)
@@ -65,18 +65,20 @@ def reference_sub_token_loop(model, class_labels, num_tokens, cfg_scale, do_samp
     [(None, True, 1.0, 0, 1.0), (2.5, True, 1.0, 0, 1.0), (2.0, True, 0.8, 5, 0.9), (None, True, 1.3, 3, 1.0),
      (None, True, 1.0, 0, 0.7), (1.5, False, 1.0, 0, 1.0)],
 )
-def test_sub_token_sampling_equals_a_plain_reference_loop(cfg_scale, do_sample, temperature, top_k, top_p):
+def test_sub_token_sampling_equals_a_plain_reference_loop(
+    tiny_model, null_swapped, cfg_scale, do_sample, temperature, top_k, top_p
+):
     model = tiny_model(seed=3, **GRID)
     kwargs = {"class_labels": [1, 4, 10], "num_tokens": [3, 8, L], "cfg_scale": cfg_scale}
     sampling = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p}
     torch.manual_seed(7)
     generated = model.generate(**kwargs, **sampling, sampling="sub_token")
     torch.manual_seed(7)
-    expected = reference_sub_token_loop(model, **kwargs, **sampling)
+    expected = reference_sub_token_loop(model, null_swapped, **kwargs, **sampling)
     assert torch.equal(generated, expected)
 
 
-def test_sub_token_is_the_default_when_sampling_and_scores_have_both_sub_tokens():
+def test_sub_token_is_the_default_when_sampling_and_scores_have_both_sub_tokens(tiny_model):
     model = tiny_model(**GRID)
     kwargs = {"class_labels": [1, 2], "do_sample": True, "top_k": 0, "cfg_scale": 2.0}
     torch.manual_seed(0)
@@ -97,7 +99,7 @@ def test_sub_token_is_the_default_when_sampling_and_scores_have_both_sub_tokens(
     assert torch.isfinite(picked_low).all() and torch.isfinite(picked_high).all()
 
 
-def test_joint_sampling_returns_full_code_scores_and_greedy_stays_joint():
+def test_joint_sampling_returns_full_code_scores_and_greedy_stays_joint(tiny_model):
     model = tiny_model(**GRID)
     out = model.generate(class_labels=[3], do_sample=True, top_k=0, sampling="joint", return_dict_in_generate=True,
                          output_scores=True)
@@ -108,7 +110,7 @@ def test_joint_sampling_returns_full_code_scores_and_greedy_stays_joint():
 
 
 @pytest.mark.parametrize("sampling", ["sub_token", "joint"])
-def test_per_row_generators_make_a_row_independent_of_its_batch(sampling):
+def test_per_row_generators_make_a_row_independent_of_its_batch(tiny_model, sampling):
     model = tiny_model(**GRID)
     kwargs = {"do_sample": True, "top_k": 0, "cfg_scale": 2.0, "sampling": sampling}
     batch = model.generate(class_labels=[1, 2], generators=[torch.Generator().manual_seed(s) for s in (5, 6)], **kwargs)
@@ -117,7 +119,7 @@ def test_per_row_generators_make_a_row_independent_of_its_batch(sampling):
 
 
 @pytest.mark.parametrize("sampling, head", [("sub_token", "factorised"), ("joint", "factorised"), ("joint", "dense")])
-def test_token_budget_never_exceeds_k_distinct_codes(sampling, head):
+def test_token_budget_never_exceeds_k_distinct_codes(tiny_model, sampling, head):
     overrides = {"factorized_bits": None} if head == "dense" else {}
     model = tiny_model(seed=1, **GRID, **overrides)
     for seed in range(6):
@@ -134,7 +136,7 @@ def test_token_budget_never_exceeds_k_distinct_codes(sampling, head):
     assert (distinct_counts(free[:, 2:]) > 2).any()
 
 
-def test_token_budget_with_beam_search_and_greedy():
+def test_token_budget_with_beam_search_and_greedy(tiny_model):
     model = tiny_model(seed=2, **GRID)
     beams = model.generate(class_labels=[1, 2], num_tokens=3, num_beams=2, token_budget=True)
     greedy = model.generate(class_labels=[1, 2], num_tokens=3, token_budget=True)
@@ -153,7 +155,7 @@ class _Probe(StoppingCriteria):
 
 
 @pytest.mark.parametrize("sampling", ["sub_token", "joint"])
-def test_gc_is_paused_during_generate_and_restored_after_an_exception(sampling):
+def test_gc_is_paused_during_generate_and_restored_after_an_exception(tiny_model, sampling):
     model = tiny_model(**GRID)
     kwargs = {"class_labels": [1], "do_sample": True, "sampling": sampling}
     assert gc.isenabled()
@@ -173,7 +175,7 @@ def test_gc_is_paused_during_generate_and_restored_after_an_exception(sampling):
         gc.enable()
 
 
-def test_a_generation_config_is_honoured_and_a_merge_ar_cache_is_made():
+def test_a_generation_config_is_honoured_and_a_merge_ar_cache_is_made(tiny_model):
     model = tiny_model(**GRID)
     config = GenerationConfig(max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
     out = model.generate(class_labels=[1, 2], generation_config=config)
@@ -188,7 +190,7 @@ def test_a_generation_config_is_honoured_and_a_merge_ar_cache_is_made():
 
 
 @pytest.mark.parametrize("sampling", ["sub_token", "joint"])
-def test_own_loop_without_a_cache_recomputes_the_same_codes(sampling):
+def test_own_loop_without_a_cache_recomputes_the_same_codes(tiny_model, sampling):
     model = tiny_model(**GRID)
     kwargs = {"class_labels": [1, 2], "do_sample": True, "top_k": 0, "cfg_scale": 2.0, "sampling": sampling,
               "generators": [torch.Generator().manual_seed(s) for s in (1, 2)]}
@@ -199,7 +201,7 @@ def test_own_loop_without_a_cache_recomputes_the_same_codes(sampling):
         model.generate(**kwargs, return_dict_in_generate=True, output_attentions=True)
 
 
-def test_guidance_scale_maps_onto_batched_cfg():
+def test_guidance_scale_maps_onto_batched_cfg(tiny_model):
     model = tiny_model(**GRID)
     guided = model.generate(class_labels=[1, 2], cfg_scale=2.0)
     assert not torch.equal(guided, model.generate(class_labels=[1, 2]))
@@ -210,7 +212,7 @@ def test_guidance_scale_maps_onto_batched_cfg():
     assert torch.equal(model.generate(class_labels=[1, 2]), guided)
 
 
-def test_integer_inputs_of_every_kind_are_accepted():
+def test_integer_inputs_of_every_kind_are_accepted(tiny_model):
     model = tiny_model(**GRID)
     reference = model.generate(class_labels=[1, 2], num_tokens=[3, 4])
     for labels, counts in [(np.array([1, 2]), np.int64(3)), (torch.tensor([1, 2]), torch.tensor([3, 4])),
@@ -222,7 +224,7 @@ def test_integer_inputs_of_every_kind_are_accepted():
     assert torch.equal(model.generate(input_ids=prompt.tolist()), reference)
 
 
-def test_bad_generate_arguments_raise_precise_errors():
+def test_bad_generate_arguments_raise_precise_errors(tiny_model):
     model = tiny_model(**GRID)
     dense = tiny_model(factorized_bits=None, **GRID)
     codebook, classes = model.config.codebook_size, model.config.num_classes

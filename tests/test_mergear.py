@@ -17,24 +17,8 @@ from mergevq_hf.configuration_mergear import MergeARConfig
 from mergevq_hf.modeling_mergear import MergeARForCausalLM, register_mergear_auto_classes
 from mergevq_hf.quantization_lfq import merge_indices, split_indices
 
-NO_DROPOUT = {"token_dropout": 0.0, "resid_dropout": 0.0, "ffn_dropout": 0.0, "class_dropout_prob": 0.0}
 SMALL = {"grid_size": 6, "codebook_bits": 6, "factorized_bits": [3, 3]}  # L = 36 tokens: generation tests stay fast on 2 cores
 L = 36
-
-
-def tiny_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    model = MergeARForCausalLM(MergeARConfig.from_preset("tiny", **{**NO_DROPOUT, **SMALL, **overrides})).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():  # random, non-zero heads: informative logits
-            parameter.normal_(0.0, 0.1)
-    return model
-
-
-def null_swapped(model, sequence):
-    config = model.config
-    is_class = (sequence >= config.codebook_size) & (sequence <= config.codebook_size + config.num_classes)
-    return sequence.masked_fill(is_class, config.codebook_size + config.num_classes)
 
 
 def test_presets_and_config_round_trip(tmp_path):
@@ -67,7 +51,7 @@ def test_bad_config_values_name_the_field(field, value):
         MergeARConfig(**{field: value})
 
 
-def test_joint_logits_are_the_factorised_probabilities():
+def test_joint_logits_are_the_factorised_probabilities(tiny_model):
     model = tiny_model()
     config, head = model.config, model.lm_head
     prompt = model.build_prompt([3, 4], 9)
@@ -86,7 +70,7 @@ def test_joint_logits_are_the_factorised_probabilities():
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_training_loss_is_low_plus_high_cross_entropy(smoothing):
+def test_training_loss_is_low_plus_high_cross_entropy(tiny_model, smoothing):
     model = tiny_model(label_smoothing=smoothing)
     labels = torch.randint(0, model.config.codebook_size, (2, L))
     out = model(class_labels=[1, 5], num_tokens=[7, 30], labels=labels)
@@ -102,7 +86,7 @@ def test_training_loss_is_low_plus_high_cross_entropy(smoothing):
     assert out.logits is None and out.high_logits.shape == (2, L, 8)
 
 
-def test_dense_head_variant():
+def test_dense_head_variant(tiny_model):
     model = tiny_model(factorized_bits=None)
     labels = torch.randint(0, 64, (2, L))
     out = model(class_labels=[0, 1], num_tokens=5, labels=labels)
@@ -126,7 +110,7 @@ def test_training_loss_decreases_with_dropout_and_label_dropout():
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.3
 
 
-def test_label_dropout_only_in_training():
+def test_label_dropout_only_in_training(tiny_model):
     model = tiny_model(class_dropout_prob=0.99)
     prompt = model.build_prompt([1] * 64, 4)
     null = model.model.embed_class.weight[model.config.num_classes]
@@ -138,7 +122,7 @@ def test_label_dropout_only_in_training():
 
 @pytest.mark.parametrize("window", [1, 3])
 @pytest.mark.parametrize("cfg_scale", [None, 2.5])
-def test_greedy_generation_equals_sparse_recomputation(window, cfg_scale):
+def test_greedy_generation_equals_sparse_recomputation(tiny_model, null_swapped, window, cfg_scale):
     model = tiny_model(seed=window, repeat_window=window)
     sequences = model.generate(class_labels=[1, 2, 10], num_tokens=[4, 16, L], cfg_scale=cfg_scale)
     assert sequences.shape == (3, 2 + L)
@@ -153,7 +137,7 @@ def test_greedy_generation_equals_sparse_recomputation(window, cfg_scale):
     assert codes.shape == (3, L) and torch.equal(codes, sequences[:, 2:])
 
 
-def test_batched_cfg_equals_two_forwards():
+def test_batched_cfg_equals_two_forwards(tiny_model, null_swapped):
     model = tiny_model()
     sequence = torch.cat([model.build_prompt([3, 7], [8, 30]), torch.randint(0, 64, (2, 20))], dim=1)
     scale = 1.7
@@ -163,7 +147,7 @@ def test_batched_cfg_equals_two_forwards():
     torch.testing.assert_close(guided, uncond + scale * (cond - uncond), rtol=1e-4, atol=1e-4)
 
 
-def test_sampling_is_seeded_and_generate_features_work():
+def test_sampling_is_seeded_and_generate_features_work(tiny_model):
     model = tiny_model()
     kwargs = {"class_labels": [1, 2], "num_tokens": 16, "do_sample": True, "top_k": 20, "top_p": 0.9}
     kwargs["temperature"] = 0.8
@@ -180,13 +164,13 @@ def test_sampling_is_seeded_and_generate_features_work():
 
 
 @pytest.mark.parametrize("cfg_scale", [None, 2.0])
-def test_beam_search_reorders_the_cache_rows(cfg_scale):
+def test_beam_search_reorders_the_cache_rows(tiny_model, cfg_scale):
     model = tiny_model(grid_size=4)
     kwargs = {"class_labels": [1, 2], "num_tokens": 5, "num_beams": 3, "cfg_scale": cfg_scale}
     assert torch.equal(model.generate(**kwargs), model.generate(**kwargs, use_cache=False))
 
 
-def test_raster_baseline_caches_agree():
+def test_raster_baseline_caches_agree(tiny_model):
     model = tiny_model()
     dynamic = model.generate(class_labels=[1, 2], cache=DynamicCache())
     uncompressed = model.generate(class_labels=[1, 2], cache=MergeARCache(model.config, compress=False))
@@ -196,7 +180,7 @@ def test_raster_baseline_caches_agree():
 
 
 @pytest.mark.numerics
-def test_save_load_keeps_the_weights_and_auto_classes_work(tmp_path):
+def test_save_load_keeps_the_weights_and_auto_classes_work(tiny_model, tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path)
     prompt = model.build_prompt([1, 2], 5)
@@ -221,7 +205,7 @@ def test_weights_missing_from_a_checkpoint_are_initialised(tmp_path):
     assert 0.01 < loaded.model.embed_merge.weight.std() < 0.03
 
 
-def test_remote_code_load_without_the_package(tmp_path):
+def test_remote_code_load_without_the_package(tiny_model, tmp_path):
     model = tiny_model()
     checkpoint = tmp_path / "checkpoint"
     model.save_pretrained(checkpoint)
@@ -254,7 +238,7 @@ def test_remote_code_load_without_the_package(tmp_path):
     assert result.returncode == 0 and "remote ok" in result.stdout, result.stderr[-2000:]
 
 
-def test_bad_inputs_raise_precise_errors():
+def test_bad_inputs_raise_precise_errors(tiny_model):
     model = tiny_model()
     labels = torch.zeros(2, L, dtype=torch.long)
     cases = [
