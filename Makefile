@@ -50,11 +50,11 @@ bench: setup
 	$(BIN)/python benchmarks/bench_randar.py speed
 	$(BIN)/python benchmarks/bench_fsdp_memory.py
 
-# The reproduction table of benchmarks/RESULTS.md: trains 7 small models (about 2 h on 2 CPU cores; rerun with
-# RESUME=1 after an interruption), then scores them and rewrites the table.
+# The reproduction table of benchmarks/RESULTS.md (harness in reproduction/): trains 7 small models (about 2 h on
+# 2 CPU cores; rerun with RESUME=1 after an interruption), then scores them and rewrites the table.
 reproduce: setup
-	scripts/train_reproduction.sh mergevq-k64 mergevq-k36 mergevq-k16 mergevq-k9 grid-vq-4 grid-vq-8 raster-ar
-	$(BIN)/python benchmarks/reproduce_paper.py --write benchmarks/RESULTS.md
+	$(BIN)/python -m reproduction train mergevq-k64 mergevq-k36 mergevq-k16 mergevq-k9 grid-vq-4 grid-vq-8 raster-ar $(if $(RESUME),--resume)
+	$(BIN)/python -m reproduction score --write benchmarks/RESULTS.md
 
 clean:
 	rm -rf $(VENV) outputs

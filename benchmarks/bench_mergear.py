@@ -108,7 +108,7 @@ def main():
         config = MergeARConfig.from_preset(
             "L",
             grid_size=grid,
-            default_num_tokens=num_tokens,
+            num_tokens=num_tokens,
             hidden_size=args.hidden_size,
             num_hidden_layers=args.layers,
             num_attention_heads=args.heads,

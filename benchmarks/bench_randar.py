@@ -26,6 +26,7 @@ import time
 import torch
 
 from mergevq_hf import MergeARConfig, MergeARForCausalLM, MergeRandARConfig, MergeRandARForCausalLM, MergeVQModel
+from mergevq_hf.source_recovery import SourceRecovery
 
 SPEED_CASES = [(16, 144, 1), (16, 144, 16), (32, 256, 1), (32, 256, 16)]  # (grid side, K, batch)
 
@@ -38,22 +39,27 @@ def speed(args):
         factorized_bits=[args.codebook_bits // 2, args.codebook_bits - args.codebook_bits // 2],
     )
     print(f"CPU: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
-          f"hidden {args.hidden_size}, {args.layers} layers, {args.codebook_bits}-bit codes, CFG {args.cfg}\n")
+          f"hidden {args.hidden_size}, {args.layers} layers, {args.codebook_bits}-bit codes, "
+          f"guidance scale {args.guidance_scale}\n")
     print("| grid (L) | K | batch | MergeAR steps | MergeRandAR steps | MergeAR img/s | MergeRandAR img/s | speed-up |")
     print("|---|---|---|---|---|---|---|---|")
     for grid, num_tokens, batch in SPEED_CASES:
         torch.manual_seed(0)
-        common = dict(sizes, grid_size=grid, default_num_tokens=num_tokens)
+        common = dict(sizes, grid_size=grid, num_tokens=num_tokens)
         raster = MergeARForCausalLM(MergeARConfig(**common)).eval().to(args.device)
         random_order = MergeRandARForCausalLM(MergeRandARConfig(**common)).eval().to(args.device)
         labels = torch.arange(batch) % 10
 
         def run_raster():
-            raster.generate(class_labels=labels, num_tokens=num_tokens, cfg_scale=args.cfg, do_sample=True, top_k=0)
+            raster.generate(
+                class_labels=labels, num_tokens=num_tokens, guidance_scale=args.guidance_scale, do_sample=True, top_k=0
+            )
 
         def run_random():
             generator = torch.Generator(args.device)
-            random_order.generate(labels, num_tokens=num_tokens, cfg_scale=args.cfg, generator=generator)
+            random_order.generate(
+                labels, num_tokens=num_tokens, guidance_scale=args.guidance_scale, generator=generator
+            )
 
         elapsed = {"raster": 0.0, "random": 0.0}
         with torch.inference_mode():
@@ -88,22 +94,26 @@ def recon(args):
     print(f"{len(images)} Fashion-MNIST test images, tokenizer {args.tokenizer}\n")
     print("| K | source map | PSNR (dB) | FD-LeNet | positions with their true parent |")
     print("|---|---|---|---|---|")
+    # "predicted from codes + positions": what random-order generation has, each token's grid position as well
+    with_positions = vq_model.config.source_recovery_with_positions
+    kinds = ["true", "predicted from codes + positions"] + ([] if with_positions else ["predicted from codes"])
     for num_tokens in args.num_tokens or [vq_model.config.num_tokens]:
-        rows = {"true": [], "predicted": []}
-        agreement = []
+        rows, agreement = {kind: [] for kind in kinds}, {kind: [] for kind in kinds}
         for batch in images.split(args.batch_size):
             batch = batch.to(args.device)
             encoded = vq_model.encode(batch, num_tokens=num_tokens)
-            predicted = vq_model.predict_source_map(encoded.indices)
-            agreement.append((predicted == encoded.source_map).float().mean(1).cpu())
-            for name, source_map in (("true", encoded.source_map), ("predicted", predicted)):
-                rows[name].append(vq_model.decode(encoded.indices, source_map).float().cpu())
-        for name, decoded in rows.items():
+            positions = SourceRecovery.token_positions(encoded.source_map, num_tokens)
+            maps = {"true": encoded.source_map, "predicted from codes + positions": vq_model.predict_source_map(encoded.indices, positions)}
+            if not with_positions:
+                maps["predicted from codes"] = vq_model.predict_source_map(encoded.indices)
+            for kind, source_map in maps.items():
+                agreement[kind].append((source_map == encoded.source_map).float().mean(1).cpu())
+                rows[kind].append(vq_model.decode(encoded.indices, source_map).float().cpu())
+        for kind, decoded in rows.items():
             decoded = torch.cat(decoded)
             fd = frechet_distance(real, extract_features(lenet, decoded)[0])
             score = float(psnr(decoded, images.float()))
-            match = "1.000" if name == "true" else f"{float(torch.cat(agreement).mean()):.3f}"
-            print(f"| {num_tokens} | {name} | {score:.2f} | {fd:.2f} | {match} |")
+            print(f"| {num_tokens} | {kind} | {score:.2f} | {fd:.2f} | {float(torch.cat(agreement[kind]).mean()):.3f} |")
 
 
 @torch.no_grad()
@@ -115,7 +125,7 @@ def generation(args):
     images, _ = fashion_test_images(vq_model.config.image_size, args.num_samples)
     labels = torch.arange(args.num_samples) % 10
     print(f"{args.num_samples} samples per model (labels cycling over the 10 classes) vs {len(images)} test images, "
-          f"K = {args.num_tokens or 'default'}, guidance {args.cfg}\n")
+          f"K = {args.num_tokens or 'default'}, guidance scale {args.guidance_scale}\n")
     print("| generator | steps / image | FD-LeNet | class accuracy (LeNet) | images/s |")
     print("|---|---|---|---|---|")
     for name, path, model_class, extra in [
@@ -125,13 +135,13 @@ def generation(args):
     ]:
         transformer = model_class.from_pretrained(path).eval().to(args.device)
         pipe = MergeVQPipeline(vq_model=vq_model, transformer=transformer)
-        sample_fn = pipeline_sample_fn(pipe, num_tokens=args.num_tokens, guidance_scale=args.cfg, **extra)
+        sample_fn = pipeline_sample_fn(pipe, num_tokens=args.num_tokens, guidance_scale=args.guidance_scale, **extra)
         start = time.perf_counter()
         result = evaluate_generation(sample_fn, labels, images, feature_networks=("lenet-fashion",),
                                      batch_size=args.batch_size, device=args.device)
         rate = args.num_samples / (time.perf_counter() - start)
-        k = args.num_tokens or transformer.config.default_num_tokens
-        steps = k if pipe.generation_mode == "random" else transformer.config.num_image_tokens
+        k = args.num_tokens or transformer.config.num_tokens
+        steps = k if pipe.generation_mode == "random" else transformer.config.num_patches
         print(f"| {name} | {steps} | {result['fd/lenet-fashion']:.2f} | "
               f"{result['class_accuracy/lenet-fashion']:.3f} | {rate:.1f} |")
 
@@ -146,7 +156,7 @@ def main():
     part.add_argument("--layers", type=int, default=4)
     part.add_argument("--heads", type=int, default=4)
     part.add_argument("--codebook-bits", type=int, default=18)
-    part.add_argument("--cfg", type=float, default=2.0)
+    part.add_argument("--guidance-scale", "--cfg", type=float, default=2.0)
     part.add_argument("--repeats", type=int, default=2)
     part = parts.add_parser("recon")
     part.add_argument("--tokenizer", required=True)
@@ -160,7 +170,7 @@ def main():
     part.add_argument("--num-tokens", type=int, default=None)
     part.add_argument("--num-samples", type=int, default=2000)
     part.add_argument("--batch-size", type=int, default=100)
-    part.add_argument("--cfg", type=float, default=2.0)
+    part.add_argument("--guidance-scale", "--cfg", type=float, default=2.0)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -53,8 +53,8 @@ def row_generators(generator: torch.Generator, rows: int) -> list[torch.Generato
     return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
 
 
-def generate(model, labels, cfg, options, generator):
-    out = model.generate(class_labels=labels, cfg_scale=cfg, do_sample=True, top_k=0,
+def generate(model, labels, guidance_scale, options, generator):
+    out = model.generate(class_labels=labels, guidance_scale=guidance_scale, do_sample=True, top_k=0,
                          generators=row_generators(generator, len(labels)), return_dict_in_generate=True, **options)
     return model.image_tokens_from_sequences(out.sequences), out.cache
 
@@ -77,7 +77,7 @@ def main():
         return
     reference, _ = dataset_to_tensors(load_fashion_mnist("test"), 32, num_samples=args.num_samples, seed=0)
     labels = torch.arange(args.num_samples) % config.num_classes
-    print(f"Bundled MergeAR, K = {config.default_num_tokens}, L = {config.num_image_tokens}; {args.num_samples} samples "
+    print(f"Bundled MergeAR, K = {config.num_tokens}, L = {config.num_patches}; {args.num_samples} samples "
           f"per row vs {len(reference)} test images; {args.speed_batches} speed batches of 50; "
           f"{cpu_name()}, 1 torch thread, torch {torch.__version__}.\n")
     print("| CFG | sampling | FD-LeNet ↓ | class accuracy ↑ | distinct codes per image | K/V entries per sequence | "
@@ -101,7 +101,7 @@ def main():
                     elapsed[name] += time.perf_counter() - start
                     entries[name] += (cache.ring + cache.lengths.float().mean().item()) / args.speed_batches
                     distinct[name] += distinct_counts(codes).float().mean().item() / args.speed_batches
-        tokens = args.speed_batches * 50 * config.num_image_tokens
+        tokens = args.speed_batches * 50 * config.num_patches
         for name in names:
             row = quality[name]
             print(f"| {cfg:g} | {name} | {row['fd/lenet-fashion']:.1f} | {row['class_accuracy/lenet-fashion']:.3f} | "
@@ -121,7 +121,7 @@ def gc_table(model, repeats: int) -> None:
 
     def transformers_loop(repeat):
         torch.manual_seed(repeat)
-        model.generate(class_labels=labels, cfg_scale=2.0, do_sample=True, top_k=0, sampling="joint")
+        model.generate(class_labels=labels, guidance_scale=2.0, do_sample=True, top_k=0, sampling="joint")
 
     paused = modeling_mergear.paused_gc
     variants = {"paused (default)": paused, "running": contextlib.nullcontext}

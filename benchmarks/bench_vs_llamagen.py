@@ -42,7 +42,7 @@ from mergevq_hf.configuration_mergear import MergeARConfig
 from mergevq_hf.generation_mergear import distinct_counts
 from mergevq_hf.modeling_mergear import MergeARForCausalLM
 
-CFG_SCALE = 2.0
+GUIDANCE_SCALE = 2.0
 ROWS = {  # --rows key -> row name
     "llamagen": "LlamaGen generate.py (static cache, dense 2^14 head)",
     "sub_token": "MergeAR paper head 2^18, per sub-token, MergeARCache",
@@ -92,22 +92,22 @@ def build_rows(llamagen, grid: int, case: dict):
                                 block_size=length, num_classes=NUM_CLASSES, cls_token_num=1)).eval()
     backbone = {"hidden_size": dim, "num_hidden_layers": case["layers"], "num_attention_heads": case["heads"],
                 "intermediate_size": swiglu_width(dim), "grid_size": grid, "num_classes": NUM_CLASSES,
-                "default_num_tokens": case["num_tokens"]}
+                "num_tokens": case["num_tokens"]}
     torch.manual_seed(0)
     paper = MergeARForCausalLM(MergeARConfig(**backbone)).eval()  # 2**18 codes, 6+12-bit head
     torch.manual_seed(0)
     dense = MergeARForCausalLM(MergeARConfig(**backbone, codebook_bits=14, factorized_bits=None)).eval()
 
     def llamagen_row(labels):
-        codes = llamagen_generate(gpt, labels, length, cfg_scale=CFG_SCALE, temperature=1.0, top_k=0, top_p=1.0,
+        codes = llamagen_generate(gpt, labels, length, cfg_scale=GUIDANCE_SCALE, temperature=1.0, top_k=0, top_p=1.0,
                                   sample_logits=True)
         return codes, float(gpt.max_seq_length)  # its static cache holds every position
 
     def mergear_row(model, sampling, new_cache):
         def run(labels):
             cache = new_cache(model.config)
-            sequences = model.generate(class_labels=labels, cfg_scale=CFG_SCALE, do_sample=True, temperature=1.0,
-                                       top_k=0, sampling=sampling, token_budget=True, cache=cache)
+            sequences = model.generate(class_labels=labels, guidance_scale=GUIDANCE_SCALE, do_sample=True,
+                                       temperature=1.0, top_k=0, sampling=sampling, token_budget=True, cache=cache)
             if isinstance(cache, MergeARCache):
                 entries = cache.ring + cache.lengths.float().mean().item()
             else:
@@ -164,7 +164,7 @@ def main():
     gc.collect()
     gc.freeze()  # everything imported so far: no collection scans it again, for any row
     print(f"{cpu_name()}, 1 torch thread, torch {torch.__version__}, Python {sys.version.split()[0]}; guidance "
-          f"{CFG_SCALE}, temperature 1, no top-k/top-p; median of {args.repeats} calls per row.\n")
+          f"{GUIDANCE_SCALE}, temperature 1, no top-k/top-p; median of {args.repeats} calls per row.\n")
     for length in args.sizes:
         case, grid = CASES[length], int(length**0.5)
         selected = [ROWS[key] for key in args.rows if not (args.skip_joint and key == "joint")]

@@ -82,7 +82,10 @@ def main(argv=None):
     # 3. Merge maps at the model's default K: which grid positions share one token.
     default_k = vq_config.num_tokens
     maps = summary.get(default_k) or pipe.reconstruct(originals, num_tokens=default_k)
-    pictures = [draw_merge_map(im, sm, vq_config.grid_size, display_size=128) for im, sm in zip(originals, maps.source_maps)]
+    pictures = [
+        draw_merge_map(image, source_map, vq_config.grid_size, display_size=128)
+        for image, source_map in zip(originals, maps.source_map)
+    ]
     make_grid(pictures, nrow=4).save(args.output_dir / "merge_maps.png")
 
     report = {

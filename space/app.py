@@ -69,14 +69,14 @@ def build_demo(pipe, notice: str | None = None) -> gr.Blocks:
     vq_config, ar_config = pipe.vq_model.config, pipe.transformer.config
     num_patches, size = vq_config.num_patches, vq_config.image_size
 
-    def generate(class_id, num_images, num_tokens, guidance, temperature, top_k, top_p, seed, token_budget):
+    def generate(class_id, num_images, num_tokens, guidance_scale, temperature, top_k, top_p, seed, token_budget):
         num_images = _int_in(num_images, 1, MAX_IMAGES_PER_REQUEST, "Number of images")
         num_tokens = _int_in(num_tokens, 1, num_patches, "Token budget K")
         seed = _int_in(seed, 0, MAX_SEED, "Seed")
         try:
             images = pipe(
                 class_labels=[_int_in(class_id, 0, ar_config.num_classes - 1, "Class")],
-                num_images_per_class=num_images, num_tokens=num_tokens, guidance_scale=_finite(guidance, "Guidance scale"),
+                num_images_per_class=num_images, num_tokens=num_tokens, guidance_scale=_finite(guidance_scale, "Guidance scale"),
                 temperature=_finite(temperature, "Temperature"), top_k=_int_in(top_k, 0, 2**vq_config.codebook_bits, "Top-k"),
                 top_p=_finite(top_p, "Top-p"), generator=torch.Generator().manual_seed(seed),
                 token_budget=bool(token_budget),
@@ -104,7 +104,7 @@ def build_demo(pipe, notice: str | None = None) -> gr.Blocks:
             seen = pipe.image_processor.postprocess(pipe.image_processor(image).pixel_values)[0]
         except ValueError as error:  # e.g. a PIL mode that has no RGB conversion
             raise gr.Error(f"{name}: {error}") from None
-        merge_map = draw_merge_map(seen, output.source_maps[0], vq_config.grid_size, display_size=DISPLAY_SIZE)
+        merge_map = draw_merge_map(seen, output.source_map[0], vq_config.grid_size, display_size=DISPLAY_SIZE)
         bits = num_tokens * vq_config.codebook_bits
         notes = [
             f"**K = {num_tokens} tokens** for the {vq_config.grid_size}x{vq_config.grid_size} grid of L = {num_patches} "
@@ -131,8 +131,8 @@ def build_demo(pipe, notice: str | None = None) -> gr.Blocks:
                 with gr.Column():
                     class_id = gr.Dropdown(_class_choices(ar_config), value=0, label="Class")
                     num_images = gr.Slider(1, MAX_IMAGES_PER_REQUEST, value=4, step=1, label="Number of images")
-                    gen_tokens = gr.Slider(1, num_patches, value=ar_config.default_num_tokens, step=1, label="Token budget K", info=f"distinct merged tokens per image, out of L = {num_patches}")
-                    guidance = gr.Slider(1.0, 10.0, value=2.0, step=0.1, label="Guidance scale", info="1 = off")
+                    gen_tokens = gr.Slider(1, num_patches, value=ar_config.num_tokens, step=1, label="Token budget K", info=f"distinct merged tokens per image, out of L = {num_patches}")
+                    guidance_scale = gr.Slider(1.0, 10.0, value=2.0, step=0.1, label="Guidance scale", info="1 = off")
                     temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature")
                     top_k = gr.Slider(0, 2**vq_config.codebook_bits, value=0, step=1, label="Top-k", info="per sub-token (low bits, then high bits) with a factorised head; 0 = off")
                     top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", info="per sub-token with a factorised head; 1 = off")
@@ -156,7 +156,7 @@ def build_demo(pipe, notice: str | None = None) -> gr.Blocks:
         # preprocess=False: gradio's own number checks fail with a blank error on null (what a browser sends for NaN);
         # `generate` checks every value itself.
         generate_button.click(
-            generate, [class_id, num_images, gen_tokens, guidance, temperature, top_k, top_p, seed, token_budget], gallery,
+            generate, [class_id, num_images, gen_tokens, guidance_scale, temperature, top_k, top_p, seed, token_budget], gallery,
             api_name="generate", concurrency_limit=CONCURRENCY_LIMIT, preprocess=False,
         )
         # preprocess=False: the upload reaches `tokenize` undecoded, so a bad file gets our message, not gradio's.

@@ -14,13 +14,13 @@ def repeating_sequences(model, batch, seed):
     rows = []
     for row in range(batch):
         palette = torch.randperm(config.codebook_size, generator=generator)[: 3 + 4 * row]
-        rows.append(palette[torch.randint(0, len(palette), (config.num_image_tokens - 1,), generator=generator)])
+        rows.append(palette[torch.randint(0, len(palette), (config.num_patches - 1,), generator=generator)])
     prompt = model.build_prompt(torch.arange(batch) % config.num_classes, [4, 16, 36][:batch])
     return torch.cat([prompt, torch.stack(rows)], dim=1)
 
 
 def feed_guided(model, sequence, cache, scale=3.0):
-    return torch.cat([model(input_ids=token[:, None], cache=cache, cfg_scale=scale).logits for token in sequence.T], 1)
+    return torch.cat([model(input_ids=token[:, None], cache=cache, guidance_scale=scale).logits for token in sequence.T], 1)
 
 
 def feed(model, sequence, cache, chunks):
@@ -80,7 +80,7 @@ def test_cache_handles_multi_token_chunks(tiny_model, chunks):
 def test_without_repeats_the_compressed_cache_equals_dynamic_cache(tiny_model):
     model = tiny_model()
     config = model.config
-    codes = torch.stack([torch.randperm(config.codebook_size)[: config.num_image_tokens - 1] for _ in range(2)])
+    codes = torch.stack([torch.randperm(config.codebook_size)[: config.num_patches - 1] for _ in range(2)])
     sequence = torch.cat([model.build_prompt([1, 2], 16), codes], dim=1)  # all distinct
     chunks = [2] + [1] * (sequence.shape[1] - 2)
     compressed = MergeARCache(config)
@@ -97,7 +97,7 @@ def test_window_covering_the_sequence_and_no_compression_equal_dynamic_cache(tin
     full = feed(model, sequence, DynamicCache(), chunks)
     uncompressed = feed(model, sequence, MergeARCache(model.config, compress=False), chunks)
     torch.testing.assert_close(uncompressed, full, rtol=1e-4, atol=1e-5)
-    wide = tiny_model(repeat_window=model.config.num_image_tokens + 2)
+    wide = tiny_model(repeat_window=model.config.num_patches + 2)
     torch.testing.assert_close(feed(wide, sequence, MergeARCache(wide.config), chunks), full, rtol=1e-4, atol=1e-5)
 
 
@@ -127,11 +127,11 @@ def test_guided_cache_reorders_both_halves(tiny_model):
     sequence = repeating_sequences(model, batch=2, seed=11)
     head, tail = sequence[:, :20], sequence[:, 20:24]
     cache = MergeARCache(model.config)
-    model(input_ids=head, cache=cache, cfg_scale=3.0)
-    assert cache.cfg and cache.lengths.shape[0] == 4
+    model(input_ids=head, cache=cache, guidance_scale=3.0)
+    assert cache.guided and cache.lengths.shape[0] == 4
     cache.reorder_cache(torch.tensor([1, 0]))
     fresh = MergeARCache(model.config)
-    model(input_ids=head[[1, 0]], cache=fresh, cfg_scale=3.0)
+    model(input_ids=head[[1, 0]], cache=fresh, guidance_scale=3.0)
     reordered, rebuilt = (feed_guided(model, tail[[1, 0]], c) for c in (cache, fresh))
     torch.testing.assert_close(reordered, rebuilt)
 

@@ -48,7 +48,7 @@ def console_runs(tmp_path_factory):
     (cwd / "notes.png").write_text("not an image")
     defaults.build_tiny_random_pipeline().save_pretrained(cwd / "tiny")
     argv = {
-        "generate": ["generate", "--classes", "0", "3", "--num-per-class", "2", "-k", "9", "--guidance", "1.5",
+        "generate": ["generate", "--classes", "0", "3", "--num-per-class", "2", "-k", "9", "--guidance-scale", "1.5",
                      "--seed", "1", "--output", "grid.png", "--model", "tiny"],
         "bad": ["encode", "notes.png", "--model", "tiny"],
     }
@@ -87,9 +87,9 @@ def test_help_explains_every_option(command, capsys):
         cli.main([command, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    options = {"generate": ["--classes", "--num-per-class", "--num-tokens", "--guidance", "--top-p", "--seed", "--output"],
+    options = {"generate": ["--classes", "--num-per-class", "--num-tokens", "--guidance-scale", "--top-p", "--seed", "--output"],
                "reconstruct": ["--num-tokens", "--output-dir", "--batch-size"],
-               "encode": ["--num-tokens", "--output", "source_maps"], "export": ["--repo-id"]}[command]
+               "encode": ["--num-tokens", "--output", "source_map"], "export": ["--repo-id"]}[command]
     for option in options + ["--model", "--device"]:
         assert option in text
 
@@ -102,11 +102,21 @@ def test_top_level_help_lists_all_commands(capsys):
         assert command in text
 
 
+def test_guidance_is_a_hidden_alias_of_guidance_scale(capsys):
+    parser = cli.build_parser()
+    assert parser.parse_args(["generate", "--guidance", "3.5"]).guidance_scale == 3.5
+    assert parser.parse_args(["generate", "--guidance-scale", "3.5"]).guidance_scale == 3.5
+    assert parser.parse_args(["generate"]).guidance_scale == 2.0
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    assert "--guidance " not in capsys.readouterr().out
+
+
 def test_encode_writes_indices_and_source_maps(tmp_path, capsys):
     output = tmp_path / "codes.safetensors"
     assert cli.main(["encode", *map(str, EXAMPLES), "--num-tokens", "9", "--output", str(output)]) == 0
     with safe_open(str(output), "pt") as f:
-        indices, source_maps, metadata = f.get_tensor("indices"), f.get_tensor("source_maps"), f.metadata()
+        indices, source_maps, metadata = f.get_tensor("indices"), f.get_tensor("source_map"), f.metadata()
     assert indices.shape == (2, 9) and source_maps.shape == (2, L)
     assert source_maps.min() >= 0 and source_maps.max() < 9 and indices.min() >= 0 and indices.max() < 2**10
     assert metadata["num_tokens"] == "9" and metadata["grid_size"] == "8" and metadata["model"] == "tiny-random"

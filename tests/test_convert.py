@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mergevq_hf import MergeVQConfig, MergeVQModel
+from mergevq_hf.modeling_mergevq import current_parameter_name
 from mergevq_hf.convert import (
     config_from_official_yaml,
     convert_official_checkpoint,
@@ -132,7 +133,7 @@ def test_ema_weights_land_under_our_names(tmp_path, variant):
     ours = model.state_dict()
     for name in official_state_dict_shapes(config):
         ema = state["model_ema." + name.replace(".", "")]
-        target = "encoder.proj_out." + name.split(".")[-1] if name.startswith("encoder.conv_out.") else name
+        target = "encoder.proj_out." + name.split(".")[-1] if name.startswith("encoder.conv_out.") else current_parameter_name(name)
         torch.testing.assert_close(ours[target], ema.reshape(ours[target].shape), rtol=0, atol=0)
     assert ours["encoder.proj_out.weight"].shape == (10, 32)
     assert model.source_recovery is None and not model.training

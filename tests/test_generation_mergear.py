@@ -31,7 +31,7 @@ def filtered(scores, temperature, top_k, top_p):
 
 
 def reference_sub_token_loop(
-    model, null_swapped, class_labels, num_tokens, cfg_scale, do_sample, temperature, top_k, top_p
+    model, null_swapped, class_labels, num_tokens, guidance_scale, do_sample, temperature, top_k, top_p
 ):
     """Open-MAGVIT2-style sampling without any cache: the whole sequence is recomputed under the sparsity mask."""
     head, window = model.lm_head, model.config.repeat_window
@@ -39,10 +39,10 @@ def reference_sub_token_loop(
 
     def guided(logits_of):
         cond = logits_of(sequence)
-        if cfg_scale is None:
+        if guidance_scale is None:
             return cond
         uncond = logits_of(null_swapped(model, sequence))
-        return uncond + cfg_scale * (cond - uncond)
+        return uncond + guidance_scale * (cond - uncond)
 
     def draw(scores):
         scores = filtered(scores, temperature, top_k, top_p)
@@ -61,15 +61,15 @@ def reference_sub_token_loop(
 
 
 @pytest.mark.parametrize(
-    "cfg_scale, do_sample, temperature, top_k, top_p",
+    "guidance_scale, do_sample, temperature, top_k, top_p",
     [(None, True, 1.0, 0, 1.0), (2.5, True, 1.0, 0, 1.0), (2.0, True, 0.8, 5, 0.9), (None, True, 1.3, 3, 1.0),
      (None, True, 1.0, 0, 0.7), (1.5, False, 1.0, 0, 1.0)],
 )
 def test_sub_token_sampling_equals_a_plain_reference_loop(
-    tiny_model, null_swapped, cfg_scale, do_sample, temperature, top_k, top_p
+    tiny_model, null_swapped, guidance_scale, do_sample, temperature, top_k, top_p
 ):
     model = tiny_model(seed=3, **GRID)
-    kwargs = {"class_labels": [1, 4, 10], "num_tokens": [3, 8, L], "cfg_scale": cfg_scale}
+    kwargs = {"class_labels": [1, 4, 10], "num_tokens": [3, 8, L], "guidance_scale": guidance_scale}
     sampling = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p}
     torch.manual_seed(7)
     generated = model.generate(**kwargs, **sampling, sampling="sub_token")
@@ -80,7 +80,7 @@ def test_sub_token_sampling_equals_a_plain_reference_loop(
 
 def test_sub_token_is_the_default_when_sampling_and_scores_have_both_sub_tokens(tiny_model):
     model = tiny_model(**GRID)
-    kwargs = {"class_labels": [1, 2], "do_sample": True, "top_k": 0, "cfg_scale": 2.0}
+    kwargs = {"class_labels": [1, 2], "do_sample": True, "top_k": 0, "guidance_scale": 2.0}
     torch.manual_seed(0)
     default = model.generate(**kwargs)
     torch.manual_seed(0)
@@ -112,7 +112,7 @@ def test_joint_sampling_returns_full_code_scores_and_greedy_stays_joint(tiny_mod
 @pytest.mark.parametrize("sampling", ["sub_token", "joint"])
 def test_per_row_generators_make_a_row_independent_of_its_batch(tiny_model, sampling):
     model = tiny_model(**GRID)
-    kwargs = {"do_sample": True, "top_k": 0, "cfg_scale": 2.0, "sampling": sampling}
+    kwargs = {"do_sample": True, "top_k": 0, "guidance_scale": 2.0, "sampling": sampling}
     batch = model.generate(class_labels=[1, 2], generators=[torch.Generator().manual_seed(s) for s in (5, 6)], **kwargs)
     alone = model.generate(class_labels=[2], generators=[torch.Generator().manual_seed(6)], **kwargs)
     assert torch.equal(batch[1], alone[0])
@@ -126,7 +126,7 @@ def test_token_budget_never_exceeds_k_distinct_codes(tiny_model, sampling, head)
         torch.manual_seed(seed)
         budgets = [1, 2, 5, 9]
         sequences = model.generate(class_labels=[0, 3, 6, 9], num_tokens=budgets, do_sample=True, top_k=0,
-                                   temperature=1.5, cfg_scale=[None, 2.0][seed % 2], token_budget=True,
+                                   temperature=1.5, guidance_scale=[None, 2.0][seed % 2], token_budget=True,
                                    sampling=sampling)
         distinct = distinct_counts(sequences[:, 2:])
         assert (distinct <= torch.tensor(budgets)).all(), (seed, distinct)
@@ -192,7 +192,7 @@ def test_a_generation_config_is_honoured_and_a_merge_ar_cache_is_made(tiny_model
 @pytest.mark.parametrize("sampling", ["sub_token", "joint"])
 def test_own_loop_without_a_cache_recomputes_the_same_codes(tiny_model, sampling):
     model = tiny_model(**GRID)
-    kwargs = {"class_labels": [1, 2], "do_sample": True, "top_k": 0, "cfg_scale": 2.0, "sampling": sampling,
+    kwargs = {"class_labels": [1, 2], "do_sample": True, "top_k": 0, "guidance_scale": 2.0, "sampling": sampling,
               "generators": [torch.Generator().manual_seed(s) for s in (1, 2)]}
     cached = model.generate(**kwargs)
     kwargs["generators"] = [torch.Generator().manual_seed(s) for s in (1, 2)]
@@ -201,11 +201,10 @@ def test_own_loop_without_a_cache_recomputes_the_same_codes(tiny_model, sampling
         model.generate(**kwargs, return_dict_in_generate=True, output_attentions=True)
 
 
-def test_guidance_scale_maps_onto_batched_cfg(tiny_model):
+def test_guidance_scale_from_a_generation_config_is_batched_guidance(tiny_model):
     model = tiny_model(**GRID)
-    guided = model.generate(class_labels=[1, 2], cfg_scale=2.0)
+    guided = model.generate(class_labels=[1, 2], guidance_scale=2.0)
     assert not torch.equal(guided, model.generate(class_labels=[1, 2]))
-    assert torch.equal(model.generate(class_labels=[1, 2], guidance_scale=2.0), guided)
     config = GenerationConfig(guidance_scale=2.0)
     assert torch.equal(model.generate(class_labels=[1, 2], generation_config=config), guided)
     model.generation_config.guidance_scale = 2.0  # a saved default counts too
@@ -235,11 +234,10 @@ def test_bad_generate_arguments_raise_precise_errors(tiny_model):
         (lambda: model.generate(class_labels=torch.tensor([1.0])), "class_labels must hold integers"),
         (lambda: model.generate(class_labels=[1], num_tokens=3.5), "num_tokens must be"),
         (lambda: model.generate(class_labels=[1], num_tokens=True), "num_tokens must be"),
-        (lambda: model.generate(class_labels=[1], cfg_scale=float("nan")), "cfg_scale"),
-        (lambda: model.generate(class_labels=[1], cfg_scale=-1.0), "cfg_scale"),
-        (lambda: model.generate(class_labels=[1], cfg_scale="2"), "cfg_scale"),
-        (lambda: model(input_ids=model.build_prompt([1], 3), cfg_scale=float("nan")), "cfg_scale"),
-        (lambda: model.generate(class_labels=[1], guidance_scale=2.0, cfg_scale=3.0), "disagree"),
+        (lambda: model.generate(class_labels=[1], guidance_scale=float("nan")), "guidance_scale"),
+        (lambda: model.generate(class_labels=[1], guidance_scale=-1.0), "guidance_scale"),
+        (lambda: model.generate(class_labels=[1], guidance_scale="2"), "guidance_scale"),
+        (lambda: model(input_ids=model.build_prompt([1], 3), guidance_scale=float("nan")), "guidance_scale"),
         (lambda: model.generate(class_labels=[1], do_sample=True, top_p=0.0), "top_p"),
         (lambda: model.generate(class_labels=[1], do_sample=True, top_p=1.5), "top_p"),
         (lambda: model.generate(class_labels=[1], do_sample=True, top_p=float("nan")), "top_p"),
@@ -277,7 +275,7 @@ def test_pipeline_and_cli_pass_the_token_budget(make_tiny_pipeline):
 
     pipe(class_labels=[1, 2], num_images_per_class=2, num_tokens=3, token_budget=True, output_type="pt",
          generator=torch.Generator().manual_seed(0), callback_on_step_end=record)
-    assert len(steps) == pipe.transformer.config.num_image_tokens
+    assert len(steps) == pipe.transformer.config.num_patches
     assert (distinct_counts(torch.stack(steps, 1)) <= 3).all()
     with pytest.raises(ValueError, match="token_budget"):
         pipe(class_labels=[1], token_budget="yes")

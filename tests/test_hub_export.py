@@ -17,7 +17,7 @@ from huggingface_hub.errors import OfflineModeIsEnabled
 
 import mergevq_hf
 from mergevq_hf import MergeVQPipeline, export_for_hub
-from mergevq_hf import pipeline_mergevq as pipeline_module
+from mergevq_hf import hub as hub_module
 from mergevq_hf.hub import _copy_code, sibling_closure
 
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
@@ -142,7 +142,7 @@ def test_export_finds_sibling_imports_transitively():
     assert {"cache_mergear.py", "configuration_mergear.py", "quantization_lfq.py"} <= ar_names
     # diffusers copies a custom pipeline's direct sibling imports only: those must import no siblings themselves.
     pipeline_names = [path.name for path in sibling_closure(package / "pipeline_mergevq.py")]
-    assert pipeline_names == ["image_processing_mergevq.py", "pipeline_mergevq.py", "sampling_utils.py"]
+    assert pipeline_names == ["hub.py", "image_processing_mergevq.py", "pipeline_mergevq.py", "sampling_utils.py"]
 
 
 def test_export_refuses_two_different_files_with_one_name(tmp_path):
@@ -177,9 +177,34 @@ def test_model_card_is_written_on_save_and_export(tmp_path, pipe):
 
 def test_push_to_hub_offline_raises_before_any_upload(tmp_path, pipe, monkeypatch):
     uploads = []
-    monkeypatch.setattr(pipeline_module, "upload_folder", lambda **kwargs: uploads.append(kwargs))
+    monkeypatch.setattr(hub_module, "upload_folder", lambda **kwargs: uploads.append(kwargs))
     with pytest.raises(OfflineModeIsEnabled):
         pipe.push_to_hub("org/mergevq-tiny")
     with pytest.raises(OfflineModeIsEnabled):
         pipe.save_pretrained(tmp_path / "never", push_to_hub=True, repo_id="org/mergevq-tiny")
     assert uploads == [] and not (tmp_path / "never").exists()
+
+
+def test_push_to_hub_creates_the_repo_then_uploads_the_whole_folder(pipe, monkeypatch):
+    calls = []
+
+    def create_repo(repo_id, private=None, token=None, exist_ok=False):
+        calls.append(("create", repo_id, private, token))
+        return type("RepoUrl", (), {"repo_id": "someone/" + repo_id.split("/")[-1]})()
+
+    def upload_folder(repo_id, folder_path, token=None, commit_message=None, create_pr=False):
+        files = sorted(str(path.relative_to(folder_path)) for path in Path(folder_path).rglob("*") if path.is_file())
+        card = ModelCard.load(Path(folder_path) / "README.md").text
+        calls.append(("upload", repo_id, token, commit_message, create_pr, files, card))
+        return "commit-url"
+
+    monkeypatch.setattr(hub_module, "create_repo", create_repo)
+    monkeypatch.setattr(hub_module, "upload_folder", upload_folder)
+    assert pipe.push_to_hub("org/mergevq-tiny", private=True, token="t", create_pr=True) == "commit-url"
+    (create, upload) = calls
+    assert create == ("create", "org/mergevq-tiny", True, "t")
+    _, repo_id, token, message, create_pr, files, card = upload
+    assert (repo_id, token, message, create_pr) == ("someone/mergevq-tiny", "t", "Upload MergeVQPipeline", True)
+    assert {"README.md", "model_index.json", "vq_model/preprocessor_config.json", "vq_model/model.safetensors",
+            "transformer/model.safetensors"} <= set(files)
+    assert 'MergeVQPipeline.from_pretrained("someone/mergevq-tiny")' in card  # the card names the created repo

@@ -23,8 +23,8 @@ L = 36
 
 def test_presets_and_config_round_trip(tmp_path):
     large = MergeARConfig.from_preset("L")
-    assert (large.num_hidden_layers, large.hidden_size, large.num_image_tokens) == (24, 1024, 256)
-    assert MergeARConfig.from_preset("L-1024").num_image_tokens == 1024
+    assert (large.num_hidden_layers, large.hidden_size, large.num_patches) == (24, 1024, 256)
+    assert MergeARConfig.from_preset("L-1024").num_patches == 1024
     with torch.device("meta"):
         params = sum(p.numel() for p in MergeARForCausalLM(large).parameters())
     assert 330e6 < params < 350e6  # the paper's 343M
@@ -41,7 +41,7 @@ def test_presets_and_config_round_trip(tmp_path):
         ("factorized_bits", [6, 10]),
         ("hidden_size", 1000),
         ("repeat_window", 0),
-        ("default_num_tokens", 257),
+        ("num_tokens", 257),
         ("class_dropout_prob", 1.0),
         ("grid_size", "16"),
     ],
@@ -121,17 +121,17 @@ def test_label_dropout_only_in_training(tiny_model):
 
 
 @pytest.mark.parametrize("window", [1, 3])
-@pytest.mark.parametrize("cfg_scale", [None, 2.5])
-def test_greedy_generation_equals_sparse_recomputation(tiny_model, null_swapped, window, cfg_scale):
+@pytest.mark.parametrize("guidance_scale", [None, 2.5])
+def test_greedy_generation_equals_sparse_recomputation(tiny_model, null_swapped, window, guidance_scale):
     model = tiny_model(seed=window, repeat_window=window)
-    sequences = model.generate(class_labels=[1, 2, 10], num_tokens=[4, 16, L], cfg_scale=cfg_scale)
+    sequences = model.generate(class_labels=[1, 2, 10], num_tokens=[4, 16, L], guidance_scale=guidance_scale)
     assert sequences.shape == (3, 2 + L)
     inputs = sequences[:, :-1]
     mask = build_sparsity_mask(inputs[:, 2:], window)
     logits = model(input_ids=inputs, attention_mask=mask, use_cache=False).logits
-    if cfg_scale is not None:
+    if guidance_scale is not None:
         uncond = model(input_ids=null_swapped(model, inputs), attention_mask=mask, use_cache=False).logits
-        logits = uncond + cfg_scale * (logits - uncond)
+        logits = uncond + guidance_scale * (logits - uncond)
     assert torch.equal(logits[:, 1:].argmax(-1), sequences[:, 2:])
     codes = model.image_tokens_from_sequences(sequences)
     assert codes.shape == (3, L) and torch.equal(codes, sequences[:, 2:])
@@ -141,7 +141,7 @@ def test_batched_cfg_equals_two_forwards(tiny_model, null_swapped):
     model = tiny_model()
     sequence = torch.cat([model.build_prompt([3, 7], [8, 30]), torch.randint(0, 64, (2, 20))], dim=1)
     scale = 1.7
-    guided = model(input_ids=sequence, cfg_scale=scale).logits
+    guided = model(input_ids=sequence, guidance_scale=scale).logits
     cond = model(input_ids=sequence, use_cache=False).logits
     uncond = model(input_ids=null_swapped(model, sequence), use_cache=False).logits
     torch.testing.assert_close(guided, uncond + scale * (cond - uncond), rtol=1e-4, atol=1e-4)
@@ -152,21 +152,21 @@ def test_sampling_is_seeded_and_generate_features_work(tiny_model):
     kwargs = {"class_labels": [1, 2], "num_tokens": 16, "do_sample": True, "top_k": 20, "top_p": 0.9}
     kwargs["temperature"] = 0.8
     torch.manual_seed(1)
-    first = model.generate(**kwargs, num_return_sequences=2, cfg_scale=2.0)
+    first = model.generate(**kwargs, num_return_sequences=2, guidance_scale=2.0)
     torch.manual_seed(1)
-    again = model.generate(**kwargs, num_return_sequences=2, cfg_scale=2.0)
+    again = model.generate(**kwargs, num_return_sequences=2, guidance_scale=2.0)
     torch.manual_seed(2)
-    other = model.generate(**kwargs, num_return_sequences=2, cfg_scale=2.0)
+    other = model.generate(**kwargs, num_return_sequences=2, guidance_scale=2.0)
     assert first.shape == (4, 2 + L) and torch.equal(first, again) and not torch.equal(first, other)
     out = model.generate(**kwargs, return_dict_in_generate=True, output_scores=True)  # per sub-token by default
     assert isinstance(out, GenerateDecoderOnlyOutput) and len(out.low_scores) == len(out.high_scores) == L
     assert isinstance(out.cache, MergeARCache) and out.cache.get_seq_length() == 1 + L
 
 
-@pytest.mark.parametrize("cfg_scale", [None, 2.0])
-def test_beam_search_reorders_the_cache_rows(tiny_model, cfg_scale):
+@pytest.mark.parametrize("guidance_scale", [None, 2.0])
+def test_beam_search_reorders_the_cache_rows(tiny_model, guidance_scale):
     model = tiny_model(grid_size=4)
-    kwargs = {"class_labels": [1, 2], "num_tokens": 5, "num_beams": 3, "cfg_scale": cfg_scale}
+    kwargs = {"class_labels": [1, 2], "num_tokens": 5, "num_beams": 3, "guidance_scale": guidance_scale}
     assert torch.equal(model.generate(**kwargs), model.generate(**kwargs, use_cache=False))
 
 
@@ -251,10 +251,10 @@ def test_bad_inputs_raise_precise_errors(tiny_model):
         (lambda: model.generate(), "class_labels"),
         (lambda: model(class_labels=[1, 2], num_tokens=4, labels=labels[:, :-1]), "labels must be"),
         (lambda: model(class_labels=[1, 2], num_tokens=4, labels=labels + 64), "image codes"),
-        (lambda: model(class_labels=[1, 2], num_tokens=4, labels=labels, cfg_scale=2.0), "cfg_scale"),
+        (lambda: model(class_labels=[1, 2], num_tokens=4, labels=labels, guidance_scale=2.0), "guidance_scale"),
         (lambda: model(input_ids=torch.tensor([[64 + 11]])), "merge-instruction"),  # the unused K = 0 id
         (lambda: model(input_ids=torch.tensor([[5, 64]]), use_cache=False), "must come before"),
-        (lambda: model(input_ids=torch.tensor([[5, 6]]), cfg_scale=2.0), "class token"),
+        (lambda: model(input_ids=torch.tensor([[5, 6]]), guidance_scale=2.0), "class token"),
         (lambda: model(input_ids=torch.tensor([[64, 76, 5]]), attention_mask=torch.tensor([[0, 1, 1]])), "padding"),
         (lambda: model(input_ids=torch.zeros(1, L + 3, dtype=torch.long)), "longer"),
         (lambda: model(input_ids=torch.tensor([[64, 76]]), attention_mask=torch.ones(1, 1, 2, 2).bool()), "4-D"),

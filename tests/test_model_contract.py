@@ -21,7 +21,7 @@ from mergevq_hf.bundled import bundled_model_path
 from mergevq_hf.training.trainer_mergear import mergear_config_for_tokenizer
 
 NO_DROPOUT = {"token_dropout": 0.0, "resid_dropout": 0.0, "ffn_dropout": 0.0, "class_dropout_prob": 0.0}
-SMALL_GRID = {"grid_size": 4, "default_num_tokens": 4}  # L = 16: fast on 2 cores
+SMALL_GRID = {"grid_size": 4, "num_tokens": 4}  # L = 16: fast on 2 cores
 
 
 def randomized(model):
@@ -175,9 +175,9 @@ def test_mergear_eager_generation_equals_sdpa_generation():
     sdpa = model.generate(class_labels=[1, 2], do_sample=False)
     model.set_attn_implementation("eager")
     assert torch.equal(model.generate(class_labels=[1, 2], do_sample=False), sdpa)
-    guided = model.generate(class_labels=[1, 2], do_sample=False, cfg_scale=2.0)
+    guided = model.generate(class_labels=[1, 2], do_sample=False, guidance_scale=2.0)
     model.set_attn_implementation("sdpa")
-    assert torch.equal(model.generate(class_labels=[1, 2], do_sample=False, cfg_scale=2.0), guided)
+    assert torch.equal(model.generate(class_labels=[1, 2], do_sample=False, guidance_scale=2.0), guided)
 
 
 @pytest.mark.parametrize("name", TRAINING_ENTRIES)
@@ -243,7 +243,7 @@ def _gradients(model, call):
 RECOMPUTED_MODULE = {
     "mergear": lambda model: model.model.layers[0].mlp,
     "randar": lambda model: model.model.layers[0].mlp,
-    "mergevq": lambda model: model.encoder.attn.blocks[0].mlp,
+    "mergevq": lambda model: model.encoder.transformer.blocks[0].mlp,
 }
 
 
@@ -284,14 +284,14 @@ def test_tiny_presets_pair_and_from_tokenizer_config_follows_the_tokenizer():
     tokenizer = MergeVQConfig.from_preset("tiny")
     for config_class in (MergeARConfig, MergeRandARConfig):
         tiny = config_class.from_preset("tiny")
-        assert (tiny.codebook_bits, tiny.factorized_bits, tiny.grid_size, tiny.default_num_tokens) == (
+        assert (tiny.codebook_bits, tiny.factorized_bits, tiny.grid_size, tiny.num_tokens) == (
             tokenizer.codebook_bits, tokenizer.factorized_bits, tokenizer.grid_size, tokenizer.num_tokens
         )
     other = MergeVQConfig.from_preset("tiny", codebook_bits=8, factorized_bits=[3, 5], num_tokens=25)
     config = MergeARConfig.from_tokenizer_config(other, num_classes=7, hidden_size=32)
     assert (config.codebook_bits, config.factorized_bits, config.grid_size) == (8, [3, 5], 8)
-    assert (config.default_num_tokens, config.num_classes, config.hidden_size) == (25, 7, 32)
-    assert MergeARConfig.from_tokenizer_config(other, default_num_tokens=9).default_num_tokens == 9
+    assert (config.num_tokens, config.num_classes, config.hidden_size) == (25, 7, 32)
+    assert MergeARConfig.from_tokenizer_config(other, num_tokens=9).num_tokens == 9
     large = MergeRandARConfig.from_tokenizer_config(MergeVQConfig.from_preset("G+R"), preset="L")
     assert isinstance(large, MergeRandARConfig) and (large.codebook_bits, large.grid_size) == (18, 16)
     # The trainer's helper is the same implementation.
@@ -312,7 +312,7 @@ def test_bundled_transformer_config_loads_unchanged_and_fits_its_tokenizer():
         if key not in ("architectures", "auto_map", "transformers_version", "dtype", "model_type"):
             assert getattr(config, key) == value, key
     matched = MergeARConfig.from_tokenizer_config(MergeVQConfig.from_pretrained(folder / "vq_model"))
-    fields = ("codebook_bits", "factorized_bits", "grid_size", "default_num_tokens")
+    fields = ("codebook_bits", "factorized_bits", "grid_size", "num_tokens")
     assert [getattr(matched, name) for name in fields] == [getattr(config, name) for name in fields]
 
 

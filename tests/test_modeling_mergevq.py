@@ -8,7 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from mergevq_hf import MergeVQConfig, MergeVQModel
-from mergevq_hf.modeling_mergevq import SelfAttention, depth_to_space
+from mergevq_hf.modeling_mergevq import (
+    SelfAttention,
+    checkpoint_parameter_name,
+    current_parameter_name,
+    depth_to_space,
+)
 from mergevq_hf.source_recovery import SourceRecovery
 from mergevq_hf.token_merging import validate_source_map
 
@@ -50,7 +55,7 @@ def test_paper_sizes_of_encoder_and_decoder():
     with torch.device("meta"):
         model = MergeVQModel(MergeVQConfig.from_preset("G+R"))
     count = lambda module: sum(p.numel() for p in module.parameters()) / 1e6  # noqa: E731
-    assert count(model.encoder) - count(model.encoder.dist_head) == pytest.approx(62.7, abs=0.2)
+    assert count(model.encoder) - count(model.encoder.alignment_head) == pytest.approx(62.7, abs=0.2)
     assert count(model.decoder) == pytest.approx(83.4, abs=0.2)
 
 
@@ -97,6 +102,16 @@ def test_k_equal_l_is_the_no_merge_path(model):
     hidden, *_ = model.encoder(x, None)
     torch.testing.assert_close(enc.latents, model.encoder.project(hidden))
     torch.testing.assert_close(enc.cls_token, model.get_image_features(x).pooler_output)
+
+
+def test_image_features_at_k_are_the_cls_of_the_merged_pass(model):
+    x = images()
+    merged = model.get_image_features(x, num_tokens=9)
+    torch.testing.assert_close(merged.pooler_output, model.encode(x, num_tokens=9).cls_token)
+    assert merged.last_hidden_state.shape[1] == 1 + 9
+    assert not torch.allclose(merged.pooler_output, model.get_image_features(x).pooler_output)
+    with pytest.raises(ValueError, match="num_tokens"):
+        model.get_image_features(x, num_tokens=65)
 
 
 def test_decode_uses_only_its_arguments(model):
@@ -190,8 +205,8 @@ def test_gradients_reach_encoder_through_the_straight_through_codes():
     x = images()
     out = model(x, teacher_features=torch.randn(2, 64), alignment_pixel_values=images(size=28 + 4, seed=3))
     out.loss.backward()
-    for name in ("encoder.conv_in.weight", "encoder.attn.blocks.0.attn.qkv.weight", "encoder.proj_out.weight",
-                 "encoder.dist_head.0.weight", "decoder.conv_out.weight", "source_recovery.rec_tokens"):
+    for name in ("encoder.conv_in.weight", "encoder.transformer.blocks.0.attn.qkv.weight", "encoder.proj_out.weight",
+                 "encoder.alignment_head.0.weight", "decoder.conv_out.weight", "source_recovery.position_queries"):
         grad = model.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, name
 
@@ -379,6 +394,74 @@ def test_save_load_keeps_the_weights_and_auto_loads(model, tmp_path):
         # differently).
         torch.testing.assert_close(loaded.encode(x).indices, model.encode(x).indices, rtol=0, atol=0)
         torch.testing.assert_close(loaded(x).reconstruction, model(x).reconstruction, rtol=1e-5, atol=1e-5)
+
+
+def _full_model():
+    torch.manual_seed(0)  # every renamed module present: alignment head and source recovery
+    return MergeVQModel(MergeVQConfig.from_preset("tiny", alignment_head="mlp3", use_source_recovery=True)).eval()
+
+
+def test_saved_names_are_the_release_names_and_load_back(tmp_path):
+    from safetensors import safe_open
+
+    model = _full_model()
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    assert saved == {checkpoint_parameter_name(name) for name in model.state_dict()}
+    assert {"encoder.attn.cls_token", "encoder.dist_head.0.weight", "decoder.attn.pos_embed.weight",
+            "decoder.adaptive.0.gamma.weight", "source_recovery.rec_tokens", "source_recovery.rec_embed.weight",
+            "source_recovery.rec_head.weight"} <= saved
+    assert not any(name.startswith(("encoder.transformer.", "encoder.alignment_head.")) for name in saved)
+    loaded, info = MergeVQModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, msg=name)
+
+
+def test_a_state_dict_with_the_old_names_loads_with_equal_outputs(tmp_path):
+    model = _full_model()
+    old_names = {checkpoint_parameter_name(name): tensor for name, tensor in model.state_dict().items()}
+    assert "encoder.transformer.cls_token" not in old_names and "encoder.attn.cls_token" in old_names
+    x, teacher = images(), torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
+    reference = model(x, teacher_features=teacher)
+
+    torch.manual_seed(1)
+    fresh = MergeVQModel(model.config).eval()
+    fresh.load_state_dict(old_names, strict=True)  # what Trainer does when it resumes from a checkpoint folder
+    # from_pretrained on a folder written before the rename (raw safetensors, old names)
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in old_names.items()}, str(tmp_path / "model.safetensors"), {"format": "pt"})
+    loaded, info = MergeVQModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    for other in (fresh, loaded):
+        out = other(x, teacher_features=teacher)
+        for field in ("reconstruction", "alignment_logits", "source_logits", "loss"):
+            torch.testing.assert_close(getattr(out, field), getattr(reference, field), rtol=1e-5, atol=1e-5)
+
+
+def test_name_mapping_round_trips_every_parameter():
+    names = list(_full_model().state_dict())
+    assert [current_parameter_name(checkpoint_parameter_name(name)) for name in names] == names
+    assert current_parameter_name("decoder.attn.pos_embed.bias") == "decoder.transformer.position_conv.bias"
+    assert current_parameter_name("encoder.attn_extra.weight") == "encoder.attn_extra.weight"  # whole names only
+
+
+def test_bundled_weights_load_under_the_current_names():
+    from safetensors import safe_open
+
+    from mergevq_hf.bundled import bundled_model_path
+
+    folder = bundled_model_path() / "vq_model"
+    loaded, info = MergeVQModel.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ours = loaded.state_dict()
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert {current_parameter_name(name) for name in f.keys()} == set(ours)
+        for name in f.keys():
+            torch.testing.assert_close(ours[current_parameter_name(name)], f.get_tensor(name), msg=name)
 
 
 def test_corrupt_checkpoint_is_an_error(model, tmp_path):

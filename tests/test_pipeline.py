@@ -62,12 +62,12 @@ def test_batch_of_several_classes_and_sampling_arguments(pipe, monkeypatch):
     images = pipe([3, 1, 4], num_images_per_class=2, num_tokens=9, generator=seeded(), output_type="np").images
     assert images.shape == (6, 32, 32, 3)
     assert calls[0]["class_labels"].tolist() == [3, 3, 1, 1, 4, 4]  # grouped by class, in order
-    assert (calls[0]["num_tokens"], calls[0]["cfg_scale"], calls[0]["top_k"], calls[0]["top_p"]) == (9, 2.0, 0, 1.0)
+    assert (calls[0]["num_tokens"], calls[0]["guidance_scale"], calls[0]["top_k"], calls[0]["top_p"]) == (9, 2.0, 0, 1.0)
     assert len(calls[0]["generators"]) == 6  # one per image
     pipe(torch.tensor([5]), guidance_scale=1.0, temperature=0.5, top_k=5, top_p=0.9, output_type="np")
-    assert (calls[1]["cfg_scale"], calls[1]["temperature"], calls[1]["top_k"], calls[1]["top_p"]) == (None, 0.5, 5, 0.9)
+    assert (calls[1]["guidance_scale"], calls[1]["temperature"], calls[1]["top_k"], calls[1]["top_p"]) == (None, 0.5, 5, 0.9)
     pipe(6, guidance_scale=None, output_type="np")
-    assert calls[2]["cfg_scale"] is None and calls[2]["num_tokens"] == pipe.transformer.config.default_num_tokens
+    assert calls[2]["guidance_scale"] is None and calls[2]["num_tokens"] == pipe.transformer.config.num_tokens
 
 
 def test_progress_bar_counts_decoding_steps_and_honours_config(make_tiny_pipeline):
@@ -142,7 +142,7 @@ def test_reconstruct_accepts_pil_numpy_and_torch(pipe):
     for images, count in zip(inputs, [1, 1, 1, 1, 1, 2, 1, 3]):
         out = pipe.reconstruct(images, num_tokens=K, output_type="pt")
         assert out.images.shape == (count, 3, 32, 32) and 0 <= out.images.min() <= out.images.max() <= 1
-        assert out.indices.shape == (count, K) and out.source_maps.shape == (count, L)
+        assert out.indices.shape == (count, K) and out.source_map.shape == (count, L)
 
     pil = pipe.reconstruct(PIL.Image.fromarray(rgb)).images
     assert len(pil) == 1 and pil[0].size == (32, 32)

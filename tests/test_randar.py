@@ -172,7 +172,7 @@ def test_cached_generation_equals_no_cache_recomputation(model, given_order):
 def test_batched_cfg_equals_two_forward_reference(model, schedule):
     labels, scale = [1, 4], 3.0
     out = model.generate(
-        labels, num_tokens=K, cfg_scale=scale, cfg_schedule=schedule, do_sample=False, output_scores=True
+        labels, num_tokens=K, guidance_scale=scale, guidance_schedule=schedule, do_sample=False, output_scores=True
     )
     with torch.no_grad():
         cond, _ = codes_at_slots(model, labels, out.generated_tokens, out.generation_order)
@@ -185,7 +185,7 @@ def test_batched_cfg_equals_two_forward_reference(model, schedule):
 
 def test_sampling_is_seeded(model):
     def run(seed):
-        return model.generate([3, 3], num_tokens=K, top_k=20, top_p=0.9, temperature=1.2, cfg_scale=1.5,
+        return model.generate([3, 3], num_tokens=K, top_k=20, top_p=0.9, temperature=1.2, guidance_scale=1.5,
                               generator=torch.Generator().manual_seed(seed))
 
     a, b, c = run(0), run(0), run(1)
@@ -265,7 +265,7 @@ def test_bad_inputs_raise_clear_errors(model, vq_model):
         (lambda: model.generate([1], num_tokens=4, positions=[0, 1, 2]), "disagrees"),
         (lambda: model.generate([1, 2], positions=torch.zeros(3, 2, dtype=torch.long)), "positions must be"),
         (lambda: model.generate([1], temperature=0), "temperature"),
-        (lambda: model.generate([1], cfg_scale=2.0, cfg_schedule="cosine"), "cfg_schedule"),
+        (lambda: model.generate([1], guidance_scale=2.0, guidance_schedule="cosine"), "guidance_schedule"),
         (lambda: model.generate([1], top_p=1.5), "top_p"),
         (lambda: model(class_labels=[1], labels=codes), "together"),
         (lambda: model(class_labels=[1], labels=codes, token_positions=order[:, :-1]), "both be"),
@@ -325,11 +325,10 @@ def test_both_generators_and_the_pipeline_check_sampling_arguments_alike(model, 
             call()
         return str(raised.value).rstrip(".")
 
-    model_kwargs = {"cfg_scale" if name == "guidance_scale" else name: value for name, value in bad.items()}
-    expected = message(lambda: model.generate([1], **model_kwargs))
+    expected = message(lambda: model.generate([1], **bad))
     raster = pipelines(vq_model)["raster"]
-    assert message(lambda: raster.transformer.generate(class_labels=[1], do_sample=True, **model_kwargs)) == expected
-    assert message(lambda: raster([1], **bad)).replace("guidance_scale", "cfg_scale") == expected
+    assert message(lambda: raster.transformer.generate(class_labels=[1], do_sample=True, **bad)) == expected
+    assert message(lambda: raster([1], **bad)) == expected
 
 
 FRESH_PROCESS = """

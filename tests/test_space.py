@@ -36,7 +36,7 @@ def demo(app):
     return app.build_demo(pipe, notice=RANDOM_MODEL_NOTICE)
 
 
-GENERATE = dict(class_id=3, num_images=2, num_tokens=9, guidance=2.0, temperature=1.0, top_k=0, top_p=1.0, seed=5,
+GENERATE = dict(class_id=3, num_images=2, num_tokens=9, guidance_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, seed=5,
                 token_budget=False)
 
 
@@ -156,7 +156,7 @@ def test_launched_app_through_gradio_client(app, demo, tmp_path):
     "field, message",
     [("seed", "Seed must be a whole number"), ("num_images", "Number of images must be a whole number"),
      ("num_tokens", "Token budget K must be a whole number"), ("top_k", "Top-k must be a whole number"),
-     ("guidance", "Guidance scale must be a finite number"), ("temperature", "Temperature must be a finite number"),
+     ("guidance_scale", "Guidance scale must be a finite number"), ("temperature", "Temperature must be a finite number"),
      ("top_p", "Top-p must be a finite number")],
 )
 def test_nan_gets_a_readable_message(demo, field, message):
@@ -166,7 +166,7 @@ def test_nan_gets_a_readable_message(demo, field, message):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])  # a browser sends NaN as null
 def test_non_finite_values_never_reach_the_browser_as_a_blank_error(demo, bad):
-    for field in ["seed", "num_images", "guidance", "temperature", "top_p"]:
+    for field in ["seed", "num_images", "guidance_scale", "temperature", "top_p"]:
         assert str(bad) in _error_message(lambda: _generate(demo, **{field: bad}))
     assert "Token budget K" in _error_message(lambda: demo(str(EXAMPLE), float("nan"), api_name="tokenize"))
 

@@ -339,7 +339,7 @@ def test_mergear_config_matches_the_tokenizer():
     tok = MergeVQConfig.from_preset("tiny")
     config = mergear_config_for_tokenizer("tiny", tok, num_classes=7, class_dropout_prob=0.2)
     assert (config.codebook_bits, config.factorized_bits, config.grid_size) == (tok.codebook_bits, tok.factorized_bits, tok.grid_size)
-    assert (config.num_classes, config.default_num_tokens, config.class_dropout_prob) == (7, tok.num_tokens, 0.2)
+    assert (config.num_classes, config.num_tokens, config.class_dropout_prob) == (7, tok.num_tokens, 0.2)
     with pytest.raises(ValueError, match="taken from the tokenizer"):
         mergear_config_for_tokenizer("tiny", tok, num_classes=7, grid_size=4)
 

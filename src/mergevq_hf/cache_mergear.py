@@ -139,7 +139,7 @@ class MergeARCache(Cache):
             ``block_size`` spare slots).
 
     ``get_seq_length()`` counts tokens seen; :meth:`stored_length` and :meth:`stored_bytes` report what is held.
-    With batched classifier-free guidance the cache holds ``[cond; uncond]`` (2B rows, ``cfg=True``) and the
+    With batched classifier-free guidance the cache holds ``[cond; uncond]`` (2B rows, ``guided=True``) and the
     row operations used by ``generate`` apply a B-row index to both halves.
     """
 
@@ -153,7 +153,7 @@ class MergeARCache(Cache):
         self._clear()
 
     def _clear(self) -> None:
-        self.cfg = False
+        self.guided = False
         self.seen = 0
         self.capacity = 0
         self.lengths = None  # [R] kept tokens per row
@@ -262,7 +262,7 @@ class MergeARCache(Cache):
         if self.lengths is None:
             return
         index = index.to(self.lengths.device)
-        if self.cfg:
+        if self.guided:
             index = torch.cat([index, index + self.lengths.shape[0] // 2])
         self.lengths, self.codes, self.ring_repeat = self.lengths[index], self.codes[index], self.ring_repeat[index]
         for layer in self.layers:
@@ -271,7 +271,7 @@ class MergeARCache(Cache):
 
     def _batch_rows(self) -> int:
         rows = self.lengths.shape[0]
-        return rows // 2 if self.cfg else rows
+        return rows // 2 if self.guided else rows
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_rows(beam_idx)

@@ -4,10 +4,11 @@
     mergevq reconstruct shirt.png --num-tokens 9 --output-dir out/
     mergevq encode *.png --num-tokens 16 --output codes.safetensors
     mergevq export hub_folder/
-    mergevq train-tokenizer | train-ar | eval | convert ...   (options: mergevq <command> --help)
+    mergevq train-tokenizer | train-ar | train-source-recovery | eval | convert ...   (options: mergevq <command> --help)
 
-The last four hand their arguments to the package modules that define them (``mergevq_hf.training.train_tokenizer``,
-``mergevq_hf.training.train_mergear``, ``mergevq_hf.evaluation``, ``mergevq_hf.convert``), so their options live in one
+The last five hand their arguments to the package modules that define them (``mergevq_hf.training.train_tokenizer``,
+``mergevq_hf.training.train_mergear``, ``mergevq_hf.training.train_source_recovery``, ``mergevq_hf.evaluation``,
+``mergevq_hf.convert``), so their options live in one
 place and the commands work from an installed wheel.
 Heavy imports happen inside each command. Bad input exits with status 2 and one line `mergevq: error: ...`.
 """
@@ -37,6 +38,7 @@ def _run_module_main(module: str, argv: list[str]) -> int:
 FORWARDED = {
     "train-tokenizer": ("train a MergeVQ tokenizer", "mergevq_hf.training.train_tokenizer"),
     "train-ar": ("train a MergeAR generator on a tokenizer's codes", "mergevq_hf.training.train_mergear"),
+    "train-source-recovery": ("fine-tune or rebuild a tokenizer's source recovery on its frozen codes", "mergevq_hf.training.train_source_recovery"),
     "eval": ("evaluate a tokenizer or generator (rFID, PSNR, SSIM, gFID, IS, ...)", "mergevq_hf.evaluation"),
     "convert": ("convert an official MergeVQ checkpoint to this package's format", "mergevq_hf.convert"),
 }
@@ -155,7 +157,7 @@ def cmd_generate(args) -> int:
     pipe, _ = _load(args)
     images = pipe(
         class_labels=args.classes, num_images_per_class=args.num_per_class, num_tokens=args.num_tokens,
-        guidance_scale=args.guidance, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         generator=torch.Generator().manual_seed(args.seed), token_budget=args.token_budget,
     ).images
     grid = make_grid(images, nrow=args.num_per_class)
@@ -183,7 +185,7 @@ def cmd_reconstruct(args) -> int:
         _write_atomically(out_dir / f"{stem}.recon.png", output.images[row].save)
         # Draw over the square the tokenizer saw (the image processor's output).
         seen = processor.postprocess(processor(image).pixel_values)[0]
-        merge_map = draw_merge_map(seen, output.source_maps[row], config.grid_size)
+        merge_map = draw_merge_map(seen, output.source_map[row], config.grid_size)
         _write_atomically(out_dir / f"{stem}.merge.png", merge_map.save)
     num_tokens = output.indices.shape[1]
     print(
@@ -199,19 +201,19 @@ def cmd_encode(args) -> int:
 
     output_path = _check_output_file(args.output)  # before the work, not after
     pipe, source = _load(args)
-    indices, source_maps = [], []
+    indices, source_maps = [], []  # one [L] source map per image
     for _, _, output, row in _reconstruct_all(pipe, args.images, args.num_tokens, args.batch_size, "encoding"):
         indices.append(output.indices[row].cpu())
-        source_maps.append(output.source_maps[row].cpu())
+        source_maps.append(output.source_map[row].cpu())
     config = pipe.vq_model.config
-    tensors = {"indices": torch.stack(indices).long(), "source_maps": torch.stack(source_maps).long()}
+    tensors = {"indices": torch.stack(indices).long(), "source_map": torch.stack(source_maps).long()}
     metadata = {  # safetensors metadata values must be strings
         "images": json.dumps(list(args.images)), "model": source, "num_tokens": str(tensors["indices"].shape[1]),
         "grid_size": str(config.grid_size), "codebook_bits": str(config.codebook_bits),
     }
     _write_atomically(output_path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
     print(
-        f"wrote indices {list(tensors['indices'].shape)} and source_maps {list(tensors['source_maps'].shape)} to {output_path}"
+        f"wrote indices {list(tensors['indices'].shape)} and source_map {list(tensors['source_map'].shape)} to {output_path}"
     )
     return 0
 
@@ -260,8 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="sample class-conditional images into a PNG grid", description="Sample images with MergeAR and decode them with MergeVQ; one row per class.")
     generate.add_argument("--classes", type=int, nargs="+", default=[0], metavar="ID", help="class ids to sample, in [0, num_classes) (default: 0)")
     generate.add_argument("--num-per-class", type=_positive_int, default=1, metavar="N", help="images per class (default: 1)")
-    generate.add_argument("--num-tokens", "-k", type=_positive_int, metavar="K", help="token budget: how many distinct merged tokens each image gets, 1 <= K <= L (default: the generator's default_num_tokens)")
-    generate.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale; 1 turns it off (default: 2.0)")
+    generate.add_argument("--num-tokens", "-k", type=_positive_int, metavar="K", help="token budget: how many distinct merged tokens each image gets, 1 <= K <= L (default: the generator's num_tokens)")
+    generate.add_argument("--guidance-scale", type=float, default=2.0, help="classifier-free guidance scale; 1 turns it off (default: 2.0)")
+    generate.add_argument("--guidance", dest="guidance_scale", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # former name
     generate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature > 0 (default: 1.0)")
     generate.add_argument("--top-k", type=int, default=0, help="keep only the k most likely values of each sub-token (low bits, then high bits; whole codes for a dense head); 0 = off (default: 0)")
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] of each sub-token (whole codes for a dense head); 1 = off (default: 1.0)")
@@ -277,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(reconstruct)
     reconstruct.set_defaults(func=cmd_reconstruct)
 
-    encode = commands.add_parser("encode", help="write token indices and source maps to a safetensors file", description="Encode images to K merged tokens. The file holds 'indices' [N, K] and 'source_maps' [N, L] (int64; for each grid position in raster order, its token), and metadata: the image paths (JSON), model, num_tokens, grid_size, codebook_bits.")
+    encode = commands.add_parser("encode", help="write token indices and source maps to a safetensors file", description="Encode images to K merged tokens. The file holds 'indices' [N, K] and 'source_map' [N, L] (int64; for each grid position in raster order, its token), and metadata: the image paths (JSON), model, num_tokens, grid_size, codebook_bits.")
     _add_image_options(encode, "the codes")
     encode.add_argument("--output", "-o", default="codes.safetensors", help="safetensors file to write (default: codes.safetensors)")
     _add_model_options(encode)

@@ -1,4 +1,5 @@
-"""Checks against a model's config: field types (shared by the MergeVQ and MergeAR configs) and attention outputs.
+"""Checks against a model's config: field types and ranges (shared by the MergeVQ and MergeAR configs, whose
+`validate_architecture` hooks call them) and attention outputs.
 
 A value read from JSON or passed by hand must have the type its field declares: a string in a boolean field would
 otherwise count as true, and a string or None in a numeric field would fail deep inside a layer. `huggingface_hub`'s
@@ -42,6 +43,24 @@ def check_field_types(config) -> None:
         if not _matches(value, field.type):
             expected = getattr(field.type, "__name__", str(field.type).replace("typing.", ""))
             raise TypeError(f"{type(config).__name__}.{field.name} must be {expected}, got {value!r}")
+
+
+def check_field_ranges(
+    config, positive_ints=(), positive=(), non_negative=(), probabilities=()
+) -> None:
+    """Raise ValueError naming the first listed field of ``config`` out of its range: ``positive_ints`` >= 1,
+    ``positive`` > 0, ``non_negative`` >= 0, ``probabilities`` in [0, 1). Types are ``check_field_types``'s job."""
+    rules = (
+        (positive_ints, lambda v: v >= 1, "a positive integer"),
+        (positive, lambda v: v > 0, "> 0"),
+        (non_negative, lambda v: v >= 0, ">= 0"),
+        (probabilities, lambda v: 0 <= v < 1, "in [0, 1)"),
+    )
+    for names, holds, expected in rules:
+        for name in names:
+            value = getattr(config, name)
+            if not holds(value):
+                raise ValueError(f"{type(config).__name__}.{name} must be {expected}, got {value!r}")
 
 
 def check_attention_outputs(config, output_attentions: bool | None) -> None:

@@ -4,7 +4,7 @@ import math
 
 from transformers import PretrainedConfig
 
-from .config_checks import check_field_types
+from .config_checks import check_field_ranges, check_field_types
 
 
 def gaussian_candidate_probs(num_candidates: int, mean: float = 1.0, std: float = 0.5, floor: float = 0.05) -> list[float]:
@@ -84,6 +84,7 @@ class MergeVQConfig(PretrainedConfig):
         codebook_bits: LFQ bits (2^bits codes); factorized_bits: the low/high split used by autoregressive heads.
         alignment_head: `"mlp3"`, `"mlp2ln"` or `"none"`; alignment_dim: teacher feature size.
         use_source_recovery: build the learned source-map predictor (needed for random-order generation).
+        source_recovery_with_positions: the predictor also reads each token's grid position (known in random order).
     """
 
     model_type = "mergevq"
@@ -129,15 +130,18 @@ class MergeVQConfig(PretrainedConfig):
     source_recovery_num_heads: int = 8
     source_recovery_intermediate_size: int = 1536
     source_recovery_loss_weight: float = 0.5
+    source_recovery_with_positions: bool = False
     initializer_range: float = 0.02
 
+    # Validated like MergeARConfig: the transformers hook `validate_architecture` (ValueError) plus `check_field_types`
+    # (TypeError), not huggingface_hub's `@strict`, whose errors are neither and which refuses an int in a float field.
     def __post_init__(self, **kwargs):
         check_field_types(self)
         self.channel_multipliers = list(self.channel_multipliers)
         if self.factorized_bits is not None:
             self.factorized_bits = list(self.factorized_bits)
         super().__post_init__(**kwargs)
-        self._validate()
+        self.validate_architecture()
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "MergeVQConfig":
@@ -171,20 +175,23 @@ class MergeVQConfig(PretrainedConfig):
 
     # ---- validation ----------------------------------------------------------------------------------------
 
-    def _validate(self):
-        def positive_int(name):
-            value = getattr(self, name)
-            if value < 1:  # the type is checked by check_field_types
-                raise ValueError(f"MergeVQConfig.{name} must be a positive integer, got {value!r}")
-
-        for name in (
-            "image_size", "num_channels", "patch_size", "base_channels", "num_res_blocks", "norm_num_groups",
-            "hidden_size", "num_hidden_layers", "num_attention_heads", "num_tokens", "codebook_bits",
-            "decoder_num_hidden_layers", "decoder_num_attention_heads", "alignment_dim",
-            "source_recovery_hidden_size", "source_recovery_num_layers", "source_recovery_num_heads",
-            "source_recovery_intermediate_size",
-        ):
-            positive_int(name)
+    def validate_architecture(self):
+        """Reject impossible sizes and unknown options with a message that names the field."""
+        check_field_ranges(
+            self,
+            positive_ints=(
+                "image_size", "num_channels", "patch_size", "base_channels", "num_res_blocks", "norm_num_groups",
+                "hidden_size", "num_hidden_layers", "num_attention_heads", "num_tokens", "codebook_bits",
+                "decoder_num_hidden_layers", "decoder_num_attention_heads", "alignment_dim",
+                "source_recovery_hidden_size", "source_recovery_num_layers", "source_recovery_num_heads",
+                "source_recovery_intermediate_size",
+            ),
+            positive=("entropy_temperature", "alignment_temperature", "mlp_ratio"),
+            non_negative=(
+                "entropy_loss_weight", "commitment_loss_weight", "reconstruction_loss_weight", "alignment_loss_weight",
+                "source_recovery_loss_weight", "sample_entropy_weight", "batch_entropy_weight",
+            ),
+        )
         if self.stem_type not in ("cnn", "patchify"):
             raise ValueError(f"MergeVQConfig.stem_type must be 'cnn' or 'patchify', got {self.stem_type!r}")
         if not self.channel_multipliers or any(m < 1 for m in self.channel_multipliers):
@@ -262,15 +269,6 @@ class MergeVQConfig(PretrainedConfig):
             raise ValueError(
                 f"MergeVQConfig.alignment_head must be 'mlp3', 'mlp2ln' or 'none', got {self.alignment_head!r}"
             )
-        for name in ("entropy_temperature", "alignment_temperature", "mlp_ratio"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"MergeVQConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        for name in (
-            "entropy_loss_weight", "commitment_loss_weight", "reconstruction_loss_weight", "alignment_loss_weight",
-            "source_recovery_loss_weight", "sample_entropy_weight", "batch_entropy_weight",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"MergeVQConfig.{name} must be >= 0, got {getattr(self, name)!r}")
 
 
 __all__ = ["MergeVQConfig"]

@@ -1,5 +1,6 @@
 """Configuration of MergeRandAR, the random-order generator of MergeVQ's K merged tokens (docs/design.md §3.4)."""
 
+from .config_checks import check_field_ranges
 from .configuration_mergear import MergeARConfig
 
 
@@ -20,10 +21,7 @@ class MergeRandARConfig(MergeARConfig):
 
     def validate_architecture(self):
         super().validate_architecture()
-        if not self.position_loss_weight >= 0:
-            raise ValueError(
-                f"MergeRandARConfig.position_loss_weight must be >= 0, got {self.position_loss_weight!r}."
-            )
+        check_field_ranges(self, non_negative=("position_loss_weight",))
 
 
 __all__ = ["MergeRandARConfig"]

@@ -114,7 +114,7 @@ class MergeARSubTokenOutput(GenerateDecoderOnlyOutput):
     ``scores`` / ``logits`` stay None: a step has no full-code distribution. Instead, one entry per generated token:
     low_scores: ``[B, 2**low_bits]`` processed scores of the low bits (after guidance, budget and processors).
     high_scores: ``[B, 2**high_bits]`` processed scores of the high bits, given the sampled low bits.
-    low_logits, high_logits: the same before processing (guided when ``cfg_scale`` is set), with ``output_logits``.
+    low_logits, high_logits: the same before processing (guided when ``guidance_scale`` is set), with ``output_logits``.
     """
 
     low_scores: tuple[torch.FloatTensor, ...] | None = None
@@ -126,7 +126,7 @@ class MergeARSubTokenOutput(GenerateDecoderOnlyOutput):
 class MergeARSampler:
     """MergeAR's decoding loop for ``generate(custom_generate=MergeARSampler(...))`` (greedy or sampling, one beam).
 
-    Each step runs the backbone once on the new token (``[cond; uncond]`` rows with ``cfg_scale``), then:
+    Each step runs the backbone once on the new token (``[cond; uncond]`` rows with ``guidance_scale``), then:
 
     * ``"sub_token"`` (factorised head): slot 0 -> low logits -> guidance ``u + s (c - u)`` -> budget -> the
       generation config's processors and warpers -> pick the low bits; slot 1 with the picked low bits' embedding ->
@@ -165,8 +165,8 @@ class MergeARSampler:
         if self.generators is not None:
             check_generators(self.generators, input_ids.shape[0])
         cache = model_kwargs.get("cache")
-        cfg_scale = model_kwargs.get("cfg_scale")
-        guided = cfg_scale is not None and cfg_scale != 1.0
+        guidance_scale = model_kwargs.get("batched_guidance_scale")
+        guided = guidance_scale is not None and guidance_scale != 1.0
         budget = TokenBudget(model.config) if self.token_budget else None
         record_scores = config.return_dict_in_generate and config.output_scores
         record_logits = config.return_dict_in_generate and config.output_logits
@@ -177,7 +177,7 @@ class MergeARSampler:
             if not guided:
                 return logits
             cond, uncond = logits.chunk(2)
-            return uncond + cfg_scale * (cond - uncond)
+            return uncond + guidance_scale * (cond - uncond)
 
         def pick(scores):
             if not config.do_sample:

@@ -1,4 +1,4 @@
-"""Hub packaging: a self-contained remote-code export of the pipeline, and the tokenizer's model card.
+"""Hub packaging: a self-contained remote-code export of the pipeline, the model cards, and saving / uploading.
 
 A folder written by `MergeVQPipeline.save_pretrained` names its components by the package's module paths
 (`mergevq_hf.modeling_mergevq`), so it loads only where `mergevq_hf` is installed. `export_for_hub` turns it into the
@@ -19,17 +19,35 @@ resolves `auto_map` against the repository root even with `subfolder=` (`get_cac
 subfolder), so `AutoModel.from_pretrained(folder, subfolder="vq_model", trust_remote_code=True)` needs root copies.
 Both libraries load all code of one repository into one module namespace, so a file name used twice must have
 identical content; the export checks that.
+
+`MergeVQPipeline.save_pretrained` / `push_to_hub` are `save_pipeline` / `push_pipeline` here. The pipeline imports
+this module as a flat sibling, so the export carries it along, and it must import no other module of the package.
 """
 
 import json
+import os
 import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 
-from .pipeline_mergevq import CARD_DATASETS, CARD_LICENSE, CARD_TAGS, EVALUATION_PROTOCOL
+# Model-card metadata shared by every card this project writes.
+CARD_LICENSE = "apache-2.0"
+CARD_TAGS = ["mergevq", "mergear", "image-tokenizer", "token-merging", "lookup-free-quantization", "arxiv:2504.00999"]
+CARD_DATASETS = ["ILSVRC/imagenet-1k"]
+EVALUATION_PROTOCOL = """\
+- **rFID** (tokenizer): 50k ImageNet-1k validation images, Resize 256 (bilinear) + CenterCrop 256, FID between the
+  images and their reconstructions (InceptionV3 pool features, 2048-d); also PSNR, SSIM, LPIPS and codebook usage.
+- **gFID / IS** (generator): 50k class-conditional samples (50 per class) against the ImageNet reference batch of
+  the ADM evaluator.
+- **Linear probe** (representation): frozen encoder on all tokens without merging; parameter-free BN + linear
+  layer, 90 epochs (MAE protocol)."""
+CARD_METRICS = ["fid", "inception_score", "psnr", "ssim", "lpips", "accuracy"]
+# `save_pretrained` keywords that only concern the upload.
+HUB_ARGUMENTS = ("repo_id", "token", "private", "commit_message", "create_pr")
 
 # The pipeline components that get remote code; each is loaded by the Auto class its model class registered for.
 COMPONENT_NAMES = ("vq_model", "transformer")
@@ -113,8 +131,103 @@ def export_for_hub(pipeline, folder, repo_id: str | None = None) -> Path:
     _copy_code(sibling_closure(pipeline_file), folder, copied)
     index["_class_name"] = [pipeline_file.stem, type(pipeline).__name__]
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    pipeline.model_card(repo_id, remote_code=True).save(folder / "README.md")
+    pipeline_model_card(pipeline, repo_id, remote_code=True).save(folder / "README.md")
     return folder
+
+
+def save_pipeline(pipeline, save_directory, save_components, push_to_hub: bool = False, **kwargs):
+    """`MergeVQPipeline.save_pretrained`: `save_components(save_directory, **kwargs)` (diffusers' save) writes the
+    components, then the image processor's `vq_model/preprocessor_config.json` and a `README.md` model card follow.
+
+    With `push_to_hub=True` (and optionally `HUB_ARGUMENTS` among `kwargs`) the repository is created *before*
+    anything is written, so offline this raises the Hub's offline error early; then the folder is uploaded and the
+    upload's result returned.
+    """
+    hub = {name: kwargs.pop(name) for name in HUB_ARGUMENTS if name in kwargs}
+    repo_id = hub.get("repo_id")
+    if push_to_hub:
+        repo_id = repo_id or os.path.basename(os.path.normpath(str(save_directory)))
+        repo_id = create_repo(repo_id, private=hub.get("private"), token=hub.get("token"), exist_ok=True).repo_id
+    save_components(save_directory, **kwargs)
+    pipeline.image_processor.save_pretrained(os.path.join(save_directory, "vq_model"))
+    pipeline_model_card(pipeline, repo_id).save(os.path.join(save_directory, "README.md"))
+    if push_to_hub:
+        return upload_folder(
+            repo_id=repo_id, folder_path=save_directory, token=hub.get("token"),
+            commit_message=hub.get("commit_message") or f"Upload {type(pipeline).__name__}",
+            create_pr=hub.get("create_pr", False),
+        )
+    return None
+
+
+def push_pipeline(
+    pipeline, repo_id: str, commit_message=None, private=None, token=None, create_pr=False, **save_kwargs
+):
+    """`MergeVQPipeline.push_to_hub`: save to a temporary folder (weights, configs, model card) and upload it."""
+    with tempfile.TemporaryDirectory() as folder:
+        return pipeline.save_pretrained(
+            folder, push_to_hub=True, repo_id=repo_id, commit_message=commit_message, private=private, token=token,
+            create_pr=create_pr, **save_kwargs,
+        )
+
+
+def pipeline_model_card(pipeline, model_id: str | None = None, remote_code: bool = False) -> ModelCard:
+    """A model card for a `MergeVQPipeline`: Hub metadata plus the sizes, usage and evaluation protocol.
+
+    `remote_code=True` describes a folder written by `export_for_hub` (loads without the package).
+    """
+    vq, ar = pipeline.vq_model.config, pipeline.transformer.config
+    generator = (
+        "MergeRandAR (K merged tokens in random order, decoded through the learned source recovery)"
+        if pipeline.generation_mode == "random"
+        else "MergeAR (raster order over all L positions)"
+    )
+    data = ModelCardData(
+        license=CARD_LICENSE, library_name="diffusers", pipeline_tag="unconditional-image-generation",
+        tags=CARD_TAGS + ["class-conditional-image-generation", "mergevq_hf"], datasets=CARD_DATASETS,
+        metrics=CARD_METRICS,
+    )
+    location = model_id or "path/to/folder"
+    if remote_code:
+        loader = "from diffusers import DiffusionPipeline"
+        call = f'DiffusionPipeline.from_pretrained("{location}", trust_remote_code=True)'
+        note = "The repository carries its own code, so `mergevq_hf` need not be installed."
+    else:
+        loader = "from mergevq_hf import MergeVQPipeline"
+        call = f'MergeVQPipeline.from_pretrained("{location}")'
+        note = "This folder needs `mergevq_hf` installed; `mergevq_hf.hub.export_for_hub` writes one that does not."
+    content = f"""---
+{data.to_yaml()}
+---
+
+# {model_id or "MergeVQ + MergeAR"}
+
+MergeVQ tokenizer and MergeAR class-conditional generator
+([MergeVQ, arXiv 2504.00999](https://arxiv.org/abs/2504.00999)), packaged as a diffusers pipeline by `mergevq_hf`.
+
+- Tokenizer: {vq.image_size}x{vq.image_size} images, L = {vq.num_patches} tokens merged to K = {vq.num_tokens},
+  {vq.codebook_bits}-bit look-up-free codes.
+- Generator: {generator}, {ar.num_classes} classes, {ar.num_hidden_layers} layers of width {ar.hidden_size},
+  default K = {ar.num_tokens}.
+
+## Usage
+
+```python
+import torch
+{loader}
+
+pipe = {call}
+images = pipe(class_labels=[1, 7], guidance_scale=2.0, generator=torch.Generator().manual_seed(0)).images
+reconstructions = pipe.reconstruct(images, num_tokens={vq.num_tokens}).images
+```
+
+{note}
+
+## Evaluation protocol
+
+{EVALUATION_PROTOCOL}
+"""
+    return ModelCard(content)
 
 
 def tokenizer_model_card(model, model_id: str | None = None, source: str | None = None, license: str = CARD_LICENSE):
@@ -157,4 +270,12 @@ pixels = tokenizer.decode(encoded.indices, encoded.source_map)
     return ModelCard(content)
 
 
-__all__ = ["COMPONENT_NAMES", "export_for_hub", "sibling_closure", "tokenizer_model_card"]
+__all__ = [
+    "COMPONENT_NAMES",
+    "export_for_hub",
+    "pipeline_model_card",
+    "push_pipeline",
+    "save_pipeline",
+    "sibling_closure",
+    "tokenizer_model_card",
+]

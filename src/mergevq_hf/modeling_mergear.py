@@ -35,7 +35,7 @@ from .config_checks import check_attention_outputs
 from .configuration_mergear import MergeARConfig
 from .generation_mergear import SAMPLING_MODES, MergeARSampler, TokenBudgetLogitsProcessor, paused_gc
 from .quantization_lfq import split_indices
-from .sampling_utils import check_guidance_scale, check_sampling_arguments, is_integer
+from .sampling_utils import check_guidance_scale, check_sampling_arguments, is_integer, renamed_keyword
 
 NUM_PREFIX = 2  # class token + merge-instruction token
 # transformers 5.24 renamed the output field `past_key_values` to `cache`; support both releases.
@@ -288,7 +288,7 @@ class MergeARModel(MergeARPreTrainedModel):
         super().__init__(config)
         self.embed_image = MergeARImageEmbedding(config)
         self.embed_class = MergeARClassEmbedding(config)
-        self.embed_merge = nn.Embedding(config.num_image_tokens + 1, config.hidden_size)  # indexed by K itself
+        self.embed_merge = nn.Embedding(config.num_patches + 1, config.hidden_size)  # indexed by K itself
         self._add_prompt_embeddings(config)
         self.token_dropout = nn.Dropout(config.token_dropout)
         self.layers = nn.ModuleList(MergeARDecoderLayer(config, i) for i in range(config.num_hidden_layers))
@@ -301,7 +301,7 @@ class MergeARModel(MergeARPreTrainedModel):
     def _check_input_ids(self, input_ids):
         config = self.config
         merge_base = config.codebook_size + config.num_classes + 1
-        end = merge_base + config.num_image_tokens + 1
+        end = merge_base + config.num_patches + 1
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}.")
         if ((input_ids < 0) | (input_ids >= end) | (input_ids == merge_base)).any():
@@ -320,7 +320,7 @@ class MergeARModel(MergeARPreTrainedModel):
         prompt = torch.where(
             is_class[..., None],
             self.embed_class(input_ids),
-            self.embed_merge((input_ids - codebook - classes - 1).clamp(0, self.config.num_image_tokens)),
+            self.embed_merge((input_ids - codebook - classes - 1).clamp(0, self.config.num_patches)),
         )
         return torch.where(is_image[..., None], image, prompt)
 
@@ -385,13 +385,13 @@ class MergeARModel(MergeARPreTrainedModel):
         if past and rows is not None and rows != input_ids.shape[0]:
             raise ValueError(
                 f"The cache holds {rows} rows but input_ids has {input_ids.shape[0]}: use a fresh cache per "
-                "generate call and keep cfg_scale the same for all steps."
+                "generate call and keep guidance_scale the same for all steps."
             )
         if position_ids is None:
             position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)[None]
-        if int(position_ids.max()) > NUM_PREFIX + self.config.num_image_tokens - 1:
+        if int(position_ids.max()) > NUM_PREFIX + self.config.num_patches - 1:
             raise ValueError(
-                f"Sequence longer than the prompt + L = {NUM_PREFIX + self.config.num_image_tokens} tokens."
+                f"Sequence longer than the prompt + L = {NUM_PREFIX + self.config.num_patches} tokens."
             )
         mask = self._attention_mask(input_ids, attention_mask, cache, past)
         hidden_states = self.token_dropout(self.embed(input_ids))
@@ -481,7 +481,7 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
 
     Generation::
 
-        sequences = model.generate(class_labels=[3, 7], num_tokens=144, do_sample=True, top_k=100, cfg_scale=2.0)
+        sequences = model.generate(class_labels=[3, 7], num_tokens=144, do_sample=True, top_k=100, guidance_scale=2.0)
         codes = model.image_tokens_from_sequences(sequences)  # [N, L] raster codes for the tokenizer's decoder
     """
 
@@ -496,17 +496,17 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
         config = self.config
         labels = self._check_class_labels(class_labels)
         if num_tokens is None:
-            num_tokens = config.default_num_tokens
+            num_tokens = config.num_tokens
         counts = _integers(num_tokens, "num_tokens", self.device)
         if counts.numel() not in (1, labels.numel()):
             raise ValueError(f"num_tokens must be an int or one value per class label, got {counts.numel()} values.")
-        if ((counts < 1) | (counts > config.num_image_tokens)).any():
-            raise ValueError(f"num_tokens (K) must be in [1, L = {config.num_image_tokens}], got {counts.tolist()}.")
+        if ((counts < 1) | (counts > config.num_patches)).any():
+            raise ValueError(f"num_tokens (K) must be in [1, L = {config.num_patches}], got {counts.tolist()}.")
         merge_ids = config.codebook_size + config.num_classes + 1 + counts.expand(labels.numel())
         return torch.stack([config.codebook_size + labels, merge_ids], dim=1)
 
     def _check_labels(self, labels, batch):
-        length, codebook = self.config.num_image_tokens, self.config.codebook_size
+        length, codebook = self.config.num_patches, self.config.codebook_size
         if labels.dim() != 2 or labels.shape != (batch, length):
             raise ValueError(f"labels must be [batch={batch}, L={length}] raster codes, got {tuple(labels.shape)}.")
         if ((labels < 0) | (labels >= codebook)).any():
@@ -523,11 +523,12 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
         labels: torch.LongTensor | None = None,
         class_labels: torch.LongTensor | None = None,
         num_tokens: int | torch.LongTensor | None = None,
-        cfg_scale: float | None = None,
+        guidance_scale: float | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        cfg_scale: float | None = None,
     ) -> MergeARCausalLMOutput:
         r"""
         Two entries:
@@ -539,13 +540,15 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
         * generation: ``input_ids`` (prompt and/or codes) with an optional cache; returns ``logits`` ``[B, k, V]``
           for the last ``logits_to_keep`` positions (0 = all).
 
-        cfg_scale: classifier-free guidance in one batched forward: rows ``[cond; uncond]`` (class token swapped
+        guidance_scale: classifier-free guidance in one batched forward: rows ``[cond; uncond]`` (class token swapped
             for the null class) run as ``2B`` rows, the cache holds ``2B`` rows, and the returned logits are
             ``u + s * (c - u)`` for the ``B`` rows. Keep the same value for every step of a generation.
         output_hidden_states, output_attentions: the backbone's (see :meth:`MergeARModel.forward`), over the
-            sequence it ran (``[cls, M(K)] + labels[:, :-1]`` in training; ``2B`` rows with ``cfg_scale``).
+            sequence it ran (``[cls, M(K)] + labels[:, :-1]`` in training; ``2B`` rows with ``guidance_scale``).
         return_dict: ``False`` returns a tuple.
+        cfg_scale: deprecated name of ``guidance_scale``.
         """
+        guidance_scale = renamed_keyword(guidance_scale, cfg_scale, "guidance_scale", "cfg_scale")
         recorded = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         cache = cache if cache is not None else past_key_values
         if class_labels is not None:
@@ -558,8 +561,8 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
             raise ValueError("Pass input_ids, or class_labels (+ num_tokens, labels).")
 
         if labels is not None:
-            if cfg_scale is not None:
-                raise ValueError("cfg_scale is an inference option; it cannot be combined with labels.")
+            if guidance_scale is not None:
+                raise ValueError("guidance_scale is an inference option; it cannot be combined with labels.")
             self._check_labels(labels, input_ids.shape[0])
             sequence = torch.cat([input_ids, labels[:, :-1]], dim=1)
             outputs = self.model(sequence, use_cache=False, **recorded)
@@ -568,8 +571,8 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
                 loss=loss, hidden_states=outputs.hidden_states, attentions=outputs.attentions, **logits
             )
 
-        cfg_scale = check_guidance_scale(cfg_scale)
-        guided = cfg_scale is not None
+        guidance_scale = check_guidance_scale(guidance_scale)
+        guided = guidance_scale is not None
         batch = input_ids.shape[0]
         if guided:
             input_ids, attention_mask, position_ids = self._guidance_batch(
@@ -584,7 +587,7 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
         logits = self.logits(hidden_states)
         if guided:
             cond, uncond = logits[:batch], logits[batch:]
-            logits = uncond + cfg_scale * (cond - uncond)
+            logits = uncond + guidance_scale * (cond - uncond)
         return MergeARCausalLMOutput(
             logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
             **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
@@ -595,9 +598,9 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
         is_class = (input_ids >= codebook) & (input_ids <= null_id)
         starting = cache is None or cache.get_seq_length() == 0
         if starting and not is_class.any(1).all():
-            raise ValueError("cfg_scale needs a class token in every prompt to swap for the null class.")
+            raise ValueError("guidance_scale needs a class token in every prompt to swap for the null class.")
         if isinstance(cache, MergeARCache):
-            cache.cfg = True  # row operations must then move both halves together
+            cache.guided = True  # row operations must then move both halves together
         uncond = input_ids.masked_fill(is_class, null_id)
         input_ids = torch.cat([input_ids, uncond])
         if attention_mask is not None:
@@ -607,18 +610,18 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
         return input_ids, attention_mask, position_ids
 
     def generate(
-        self, inputs=None, generation_config=None, class_labels=None, num_tokens=None, cfg_scale=None, sampling=None,
-        token_budget=False, generators=None, **kwargs,
+        self, inputs=None, generation_config=None, class_labels=None, num_tokens=None, guidance_scale=None,
+        sampling=None, token_budget=False, generators=None, **kwargs,
     ):
         r"""``GenerationMixin.generate`` with a class-conditional entry, batched guidance, a fresh ``MergeARCache``,
         per-sub-token sampling and the token budget.
 
         class_labels: ``[B]`` integer class ids (list, numpy or integer tensor); the prompt ``[cls, M(K)]`` is built
             for you. Or pass a prompt ``[[V + class, V + C + 1 + K, codes...]]`` as ``inputs`` / ``input_ids``.
-        num_tokens: ``K`` (int or ``[B]``, default ``config.default_num_tokens``), the merge instruction.
-        cfg_scale: batched classifier-free guidance ``u + s (c - u)`` with the null class as ``u`` (None or 1 = off).
-            transformers' ``guidance_scale`` (keyword or in a ``GenerationConfig``) means the same and is mapped
-            onto it; transformers' own unbatched guidance with a negative prompt is never run.
+        num_tokens: ``K`` (int or ``[B]``, default ``config.num_tokens``), the merge instruction.
+        guidance_scale: batched classifier-free guidance ``u + s (c - u)`` with the null class as ``u`` (None or
+            1 = off). A ``GenerationConfig``'s ``guidance_scale`` is used when the keyword is not given; transformers'
+            own unbatched guidance with a negative prompt is never run. ``cfg_scale`` is its deprecated name.
         sampling: how a code is drawn.
             - ``"sub_token"`` (default for a factorised head when sampling with one beam): the low bits, then the
               high bits given them, as Open-MAGVIT2 samples. Guidance, temperature, top-k and top-p act on each
@@ -668,8 +671,12 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
             for source in (generation_config, self.generation_config)
             for name in ("max_new_tokens", "max_length")
         ) or any(kwargs.get(name) is not None for name in ("max_new_tokens", "max_length"))
+        guidance_scale = renamed_keyword(guidance_scale, kwargs.pop("cfg_scale", None), "guidance_scale", "cfg_scale")
         config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
-        model_kwargs["cfg_scale"] = self._resolve_guidance(cfg_scale, config)
+        if guidance_scale is not None:  # the keyword overrides the generation config's, as keywords do in transformers
+            config.guidance_scale = guidance_scale
+        # Carried under its own name: transformers would take a `guidance_scale` model kwarg for its unbatched guidance.
+        model_kwargs["batched_guidance_scale"] = self._resolve_guidance(config)
         self._check_generation_config(config)
         self._set_length(config, inputs.shape[1], length_given)
         if config.use_cache and model_kwargs.get("cache") is None and model_kwargs.get("past_key_values") is None:
@@ -689,6 +696,10 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
         with paused_gc():
             return super().generate(inputs, config, **model_kwargs)
 
+    def prepare_inputs_for_generation(self, input_ids, batched_guidance_scale=None, **kwargs):
+        """transformers' preparation; ``forward`` then gets the guidance scale that ``generate`` resolved."""
+        return {**super().prepare_inputs_for_generation(input_ids, **kwargs), "guidance_scale": batched_guidance_scale}
+
     def _check_prompt(self, prompt) -> torch.LongTensor:
         """A generation prompt must be ``[class, merge instruction(K), image codes...]`` with room left to generate."""
         config = self.config
@@ -699,37 +710,29 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
                 f"A prompt must be a [batch, length] integer tensor, got {prompt.dtype} {tuple(prompt.shape)}."
             )
         codebook, merge_base = config.codebook_size, config.codebook_size + config.num_classes + 1
-        longest = NUM_PREFIX + config.num_image_tokens - 1
+        longest = NUM_PREFIX + config.num_patches - 1
         if not NUM_PREFIX <= prompt.shape[1] <= longest:
             raise ValueError(
                 f"A prompt holds 2 to {longest} ids ([class, merge instruction, codes...]), got {prompt.shape[1]}."
             )
         is_class = (prompt[:, 0] >= codebook) & (prompt[:, 0] < merge_base)
-        is_merge = (prompt[:, 1] > merge_base) & (prompt[:, 1] <= merge_base + config.num_image_tokens)
+        is_merge = (prompt[:, 1] > merge_base) & (prompt[:, 1] <= merge_base + config.num_patches)
         is_code = (prompt[:, NUM_PREFIX:] >= 0) & (prompt[:, NUM_PREFIX:] < codebook)
         if not (is_class.all() and is_merge.all() and is_code.all()):
             raise ValueError(
                 f"A prompt must be [class id in [{codebook}, {merge_base - 1}], merge-instruction id in "
-                f"[{merge_base + 1}, {merge_base + config.num_image_tokens}], image codes in [0, {codebook})...]; got "
+                f"[{merge_base + 1}, {merge_base + config.num_patches}], image codes in [0, {codebook})...]; got "
                 f"{prompt[:2].tolist()}{' ...' if len(prompt) > 2 else ''}. build_prompt(class_labels, num_tokens) "
                 "makes one."
             )
         return prompt.to(device=self.device, dtype=torch.long)
 
     @staticmethod
-    def _resolve_guidance(cfg_scale, config) -> float | None:
-        # transformers' `guidance_scale` would run its unbatched CFG with a one-token negative prompt: map it onto ours.
+    def _resolve_guidance(config) -> float | None:
+        # transformers' `guidance_scale` would run its unbatched CFG with a one-token negative prompt: take it over.
         guidance_scale = config.guidance_scale
         config.guidance_scale = 1.0  # 1.0, not None: None would be refilled from model.generation_config
-        check_guidance_scale(cfg_scale)
-        if guidance_scale is not None and guidance_scale != 1.0:
-            check_guidance_scale(guidance_scale)
-            if cfg_scale is not None and cfg_scale != guidance_scale:
-                raise ValueError(
-                    f"cfg_scale={cfg_scale} and guidance_scale={guidance_scale} disagree; pass one of them."
-                )
-            cfg_scale = guidance_scale
-        return None if cfg_scale is None or cfg_scale == 1.0 else float(cfg_scale)
+        return check_guidance_scale(guidance_scale)
 
     @staticmethod
     def _check_generation_config(config) -> None:
@@ -751,7 +754,7 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
     def _set_length(self, config, prompt_length: int, length_given: bool) -> None:
         # Generate up to the end of the grid unless a length was asked for; the generation config then carries
         # `max_new_tokens` only (with `max_length` too, transformers would warn about two lengths).
-        remaining = NUM_PREFIX + self.config.num_image_tokens - prompt_length
+        remaining = NUM_PREFIX + self.config.num_patches - prompt_length
         new_tokens = remaining
         if length_given:
             new_tokens = config.max_new_tokens
@@ -759,7 +762,7 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
                 new_tokens = config.max_length - prompt_length
         if not 1 <= new_tokens <= remaining:
             raise ValueError(
-                f"This prompt leaves {remaining} tokens to generate (L = {self.config.num_image_tokens}), but the "
+                f"This prompt leaves {remaining} tokens to generate (L = {self.config.num_patches}), but the "
                 f"generation config asks for {new_tokens} new tokens."
             )
         config.max_new_tokens, config.max_length = new_tokens, None
@@ -781,7 +784,7 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
     def image_tokens_from_sequences(self, sequences) -> torch.LongTensor:
         """``[N, 2 + L]`` generated sequences (or a generate output) -> ``[N, L]`` raster codes."""
         sequences = getattr(sequences, "sequences", sequences)
-        expected = NUM_PREFIX + self.config.num_image_tokens
+        expected = NUM_PREFIX + self.config.num_patches
         if sequences.dim() != 2 or sequences.shape[1] != expected:
             raise ValueError(f"Expected sequences of shape [N, {expected}], got {tuple(sequences.shape)}.")
         codes = sequences[:, NUM_PREFIX:]

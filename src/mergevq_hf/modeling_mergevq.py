@@ -1,14 +1,20 @@
 """MergeVQ tokenizer: merge ViT tokens down to K, quantise them look-up-free, rebuild all L positions to decode.
 
-Layout (parameter names follow the official release so that converting its checkpoints is a key mapping):
+Layout:
 
     pixels -> encoder.conv_in/down (CNN stem) or encoder.conv_in (patchify) -> L tokens + CLS
-           -> encoder.attn.blocks (attention, then merge, then MLP) -> K tokens in canonical order + source map
+           -> encoder.transformer.blocks (attention, then merge, then MLP) -> K tokens in canonical order + source map
            -> encoder.norm_out, SiLU, encoder.proj_out -> LFQ (quantize) -> K codes / indices
-    codes  -> unmerge through the source map -> decoder.conv_in -> decoder.attn (depthwise-conv position term,
-           MixFFN) -> decoder.up (adaptive group norm, ResBlocks, depth-to-space) -> RGB in [-1, 1]
+           (encoder.alignment_head maps the CLS token to the teacher's feature space, for training only)
+    codes  -> unmerge through the source map -> decoder.conv_in -> decoder.transformer (depthwise-conv position
+           term, MixFFN) -> decoder.up with decoder.adaptive_norms (code-conditioned group norm, ResBlocks,
+           depth-to-space) -> RGB in [-1, 1]
+
+Checkpoint names: saved weights keep the names of the official release (`encoder.attn`, `encoder.dist_head`, ...),
+which are listed in `RENAMED_MODULES`; transformers renames them on load and back on save (see the table).
 """
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -17,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, can_return_tuple
@@ -42,6 +50,62 @@ from .token_merging import (
     proportional_attention_bias,
     unmerge,
 )
+
+
+# ---- checkpoint names -------------------------------------------------------------------------------------------
+
+# (name in saved checkpoints, module name here). The saved names are those of the official release, so that its
+# checkpoints convert by a key mapping and every folder written so far (the bundled model included) stays valid.
+# Registered below as a transformers checkpoint conversion for model_type "mergevq": `from_pretrained` renames on
+# load, `save_pretrained` renames back. No name in the table lies under another entry's name, so renaming in turn
+# (as transformers does) equals renaming by the one entry that matches.
+RENAMED_MODULES = (
+    ("encoder.attn", "encoder.transformer"),  # the whole ViT stack, not one attention layer
+    ("encoder.dist_head", "encoder.alignment_head"),  # CLS -> teacher features (the paper's distillation head)
+    ("decoder.attn", "decoder.transformer"),
+    ("decoder.adaptive", "decoder.adaptive_norms"),
+    ("source_recovery.rec_embed", "source_recovery.code_embed"),
+    ("source_recovery.rec_tokens", "source_recovery.position_queries"),
+    ("source_recovery.rec_head", "source_recovery.query_head"),
+)
+# A leaf rename inside a renamed module, written on the module's new name: applied after the table on load.
+RENAMED_LEAVES = (("decoder.transformer.pos_embed", "decoder.transformer.position_conv"),)
+
+
+def _rename(name: str, renames) -> str:
+    for old, new in renames:
+        if name == old or name.startswith(old + "."):
+            return new + name[len(old) :]
+    return name
+
+
+def current_parameter_name(checkpoint_name: str) -> str:
+    """The name a saved (official-release style) tensor name has in `MergeVQModel` today."""
+    return _rename(_rename(checkpoint_name, RENAMED_MODULES), RENAMED_LEAVES)
+
+
+def checkpoint_parameter_name(name: str) -> str:
+    """Inverse of `current_parameter_name`: the name `save_pretrained` writes for a parameter of `MergeVQModel`."""
+    leaves, modules = ([(new, old) for old, new in table] for table in (RENAMED_LEAVES, RENAMED_MODULES))
+    return _rename(_rename(name, leaves), modules)
+
+
+def _checkpoint_renamings() -> list[WeightRenaming]:
+    # Applied in order on load and undone in reverse order on save; "^" anchors at the start of the key, and
+    # transformers ends every pattern at a name boundary ("encoder.attn" does not match "encoder.attn_x").
+    return [WeightRenaming("^" + re.escape(old), new) for old, new in RENAMED_MODULES + RENAMED_LEAVES]
+
+
+# overwrite: a remote-code copy of this file registers the same table again.
+register_checkpoint_conversion_mapping("mergevq", _checkpoint_renamings(), overwrite=True)
+
+
+def _rename_saved_keys(module, state_dict, prefix, *args):
+    """`load_state_dict` pre-hook: accept saved names as well as current ones (see `RENAMED_MODULES`)."""
+    for key in [key for key in state_dict if key.startswith(prefix)]:
+        name = current_parameter_name(key[len(prefix) :])
+        if prefix + name != key:
+            state_dict[prefix + name] = state_dict.pop(key)
 
 
 # ---- convolutional pieces ---------------------------------------------------------------------------------------
@@ -211,7 +275,7 @@ class TransformerStack(nn.Module):
     ):
         super().__init__()
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if with_cls_token else None
-        self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if with_dw_conv else None
+        self.position_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if with_dw_conv else None
         self.blocks = nn.ModuleList(
             TransformerBlock(dim, num_heads, mlp_ratio, layer_scale, config, mix_ffn=with_dw_conv)
             for _ in range(num_layers)
@@ -269,7 +333,7 @@ class MergeVQEncoder(CheckpointedStack):
             if config.position_embedding == "learned"
             else None
         )
-        self.attn = TransformerStack(
+        self.transformer = TransformerStack(
             dim, config.num_hidden_layers, config.num_attention_heads, config.mlp_ratio,
             config.layer_scale_init_value, config, with_cls_token=True, with_dw_conv=False,
         )
@@ -277,16 +341,16 @@ class MergeVQEncoder(CheckpointedStack):
         self.proj_out = nn.Linear(dim, config.codebook_bits)
         hidden = 4 * dim
         if config.alignment_head == "mlp3":
-            self.dist_head = nn.Sequential(
+            self.alignment_head = nn.Sequential(
                 nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
                 nn.Linear(hidden, config.alignment_dim),
             )
         elif config.alignment_head == "mlp2ln":
-            self.dist_head = nn.Sequential(
+            self.alignment_head = nn.Sequential(
                 nn.Linear(dim, hidden), nn.GELU(), nn.LayerNorm(hidden), nn.Linear(hidden, config.alignment_dim)
             )
         else:
-            self.dist_head = None
+            self.alignment_head = None
 
     def stem(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(pixel_values)
@@ -319,9 +383,9 @@ class MergeVQEncoder(CheckpointedStack):
         features = self.stem(pixel_values)
         x = features.flatten(2).transpose(1, 2)
         num_patches = x.shape[1]
-        x = torch.cat([self.attn.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        x = torch.cat([self.transformer.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         state = init_merge_state(x, has_cls=True)
-        num_blocks = len(self.attn.blocks)
+        num_blocks = len(self.transformer.blocks)
         schedule = (
             _cached_schedule(num_patches, num_tokens, num_blocks, self.config.merge_schedule, self.config.merge_inflect)
             if num_tokens is not None
@@ -329,7 +393,7 @@ class MergeVQEncoder(CheckpointedStack):
         )
         hidden_states = [x] if output_hidden_states else None
         attentions = [] if output_attentions else None
-        for block, num_merged in zip(self.attn.blocks, schedule):
+        for block, num_merged in zip(self.transformer.blocks, schedule):
             merged_before = x.shape[1] < num_patches + 1
             bias = None
             if self.config.proportional_attention and merged_before:
@@ -361,12 +425,12 @@ class MergeVQDecoder(CheckpointedStack):
         groups, ch, mults = config.norm_num_groups, config.base_channels, config.channel_multipliers
         channels = config.decoder_hidden_size
         self.conv_in = nn.Conv2d(config.codebook_bits, channels, 3, padding=1)
-        self.attn = TransformerStack(
+        self.transformer = TransformerStack(
             channels, config.decoder_num_hidden_layers, config.decoder_num_attention_heads, config.mlp_ratio,
             config.layer_scale_init_value, config, with_cls_token=False, with_dw_conv=True,
         )
         self.up = nn.ModuleList()
-        self.adaptive = nn.ModuleList()
+        self.adaptive_norms = nn.ModuleList()
         levels = []
         for level in reversed(range(len(mults))):  # coarse to fine; the finest level has no extra block
             num_blocks = config.num_res_blocks + (config.decoder_extra_res_blocks if level > 0 else 0)
@@ -381,7 +445,7 @@ class MergeVQDecoder(CheckpointedStack):
             levels.append((stage, adaptive))
         for stage, adaptive in reversed(levels):  # stored finest first, like the released code
             self.up.append(stage)
-            self.adaptive.append(adaptive)
+            self.adaptive_norms.append(adaptive)
         self.norm_out = nn.GroupNorm(groups, channels, eps=1e-6)
         self.conv_out = nn.Conv2d(channels, config.num_channels, 3, padding=1)
 
@@ -389,14 +453,14 @@ class MergeVQDecoder(CheckpointedStack):
         """[B, bits, h, w] codes (every position filled) -> [B, C, h*f, w*f] pixels."""
         x = self.conv_in(code_grid)
         grid_shape = x.shape[-2:]
-        x = x + self.attn.pos_embed(x)
+        x = x + self.transformer.position_conv(x)
         x = x.flatten(2).transpose(1, 2)
-        for block in self.attn.blocks:
+        for block in self.transformer.blocks:
             x, _, _ = self._run(block.attention, x)
             x = self._run(block.feed_forward, x, grid_shape)
         x = x.transpose(1, 2).reshape(x.shape[0], -1, *grid_shape)
         for level in reversed(range(len(self.up))):
-            x = self.adaptive[level](x, code_grid)
+            x = self.adaptive_norms[level](x, code_grid)
             for block in self.up[level].block:
                 x = self._run(block, x)
             if hasattr(self.up[level], "upsample"):
@@ -487,7 +551,7 @@ class MergeVQPreTrainedModel(ClearCheckpointErrorsMixin, PreTrainedModel):
         elif isinstance(module, MergeVQEncoder) and module.position_embeddings is not None:
             init.normal_(module.position_embeddings, std=self.config.initializer_range)
         elif isinstance(module, SourceRecovery):
-            init.normal_(module.rec_tokens, std=self.config.initializer_range)
+            init.normal_(module.position_queries, std=self.config.initializer_range)
 
 
 class MergeVQModel(MergeVQPreTrainedModel):
@@ -515,11 +579,13 @@ class MergeVQModel(MergeVQPreTrainedModel):
             SourceRecovery(
                 config.codebook_bits, config.num_patches, config.source_recovery_hidden_size,
                 config.source_recovery_num_layers, config.source_recovery_num_heads,
-                config.source_recovery_intermediate_size,
+                config.source_recovery_intermediate_size, config.source_recovery_with_positions,
             )
             if config.use_source_recovery
             else None
         )
+        # `Trainer` resumes by `load_state_dict` on the checkpoint's model.safetensors, which holds the saved names.
+        self.register_load_state_dict_pre_hook(_rename_saved_keys)
         self.post_init()
 
     # ---- input checks ----
@@ -681,8 +747,13 @@ class MergeVQModel(MergeVQPreTrainedModel):
         return self.decode_codes(codes, source_map, (grid_h, grid_w)).clamp(-1, 1)
 
     @apply_forward_hook
-    def predict_source_map(self, indices: torch.Tensor) -> torch.Tensor:
-        """The learned source recovery's source map [B, L] for `indices` [B, K] whose merge map is unknown."""
+    def predict_source_map(self, indices: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The learned source recovery's source map [B, L] for `indices` [B, K] whose merge map is unknown.
+
+        `positions` [B, K]: each token's grid position (its group's first position, ascending), as random-order
+        generation produces them. Optional unless the recovery was trained with them; when given, every token owns its
+        position and no earlier one.
+        """
         if self.source_recovery is None:
             raise ValueError("this model was built with use_source_recovery=False")
         self._check_index_tensor(indices, "indices", "[B, K]")
@@ -691,7 +762,21 @@ class MergeVQModel(MergeVQPreTrainedModel):
                 f"indices must hold K <= L = {self.config.num_patches} tokens (the source recovery's grid), "
                 f"got K = {indices.shape[1]}"
             )
-        return self.source_recovery.predict(self.quantize.indices_to_codes(indices, dtype=self.dtype))
+        if positions is not None:
+            positions = self._check_token_positions(positions, indices.shape)
+        return self.source_recovery.predict(self.quantize.indices_to_codes(indices, dtype=self.dtype), positions)
+
+    def _check_token_positions(self, positions, shape) -> torch.LongTensor:
+        positions = torch.as_tensor(positions, device=self.device)
+        if positions.is_floating_point() or positions.dtype == torch.bool or tuple(positions.shape) != tuple(shape):
+            raise ValueError(f"positions must be an integer tensor of shape {tuple(shape)} (one grid position per token), "
+                             f"got {positions.dtype} {tuple(positions.shape)}")
+        positions = positions.long()
+        length = self.config.num_patches
+        if (positions < 0).any() or (positions >= length).any() or (positions[:, 1:] <= positions[:, :-1]).any():
+            raise ValueError(f"positions must be the tokens' grid positions in canonical order: strictly increasing, "
+                             f"in [0, L = {length})")
+        return positions
 
     @can_return_tuple
     def get_image_features(
@@ -699,19 +784,23 @@ class MergeVQModel(MergeVQPreTrainedModel):
         pixel_values: torch.Tensor,
         pooling: str = "cls",
         *,
+        num_tokens: int | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
     ) -> BaseModelOutputWithPooling:
         """
-        Representation for probes: all L tokens, no merging. `pooler_output` [B, hidden] is the feature, the CLS
-        token (`pooling="cls"`) or the mean of the L tokens (`"mean"`); `last_hidden_state` [B, 1 + L, hidden] holds
-        CLS first, then the tokens. `return_dict=False` returns a tuple.
+        Representation for probes: by default all L tokens, no merging; `num_tokens=K` merges to K tokens first (the
+        pass the paper's alignment recipe aligns). `pooler_output` [B, hidden] is the feature, the CLS token
+        (`pooling="cls"`) or the mean of the tokens (`"mean"`); `last_hidden_state` [B, 1 + tokens, hidden] holds CLS
+        first, then the tokens. `return_dict=False` returns a tuple.
         """
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
         recording = self._recording(output_hidden_states, output_attentions)
-        pixel_values, _, _ = self._check_pixel_values(pixel_values)
-        hidden, _, _, hidden_states, attentions = self.encoder(pixel_values, None, *recording)
+        pixel_values, grid_h, grid_w = self._check_pixel_values(pixel_values)
+        if num_tokens is not None:
+            num_tokens = self._check_num_tokens(num_tokens, grid_h * grid_w)
+        hidden, _, _, hidden_states, attentions = self.encoder(pixel_values, num_tokens, *recording)
         pooled = hidden[:, 0] if pooling == "cls" else hidden[:, 1:].mean(dim=1)
         return BaseModelOutputWithPooling(
             last_hidden_state=hidden, pooler_output=pooled, hidden_states=hidden_states, attentions=attentions
@@ -760,7 +849,8 @@ class MergeVQModel(MergeVQPreTrainedModel):
 
         source_recovery_loss = source_logits = None
         if self.source_recovery is not None and (grid_h, grid_w) == (config.grid_size, config.grid_size):
-            source_logits = self.source_recovery(quantized.codes)
+            positions = SourceRecovery.token_positions(source_map, quantized.codes.shape[1]) if config.source_recovery_with_positions else None
+            source_logits = self.source_recovery(quantized.codes, positions)
             source_recovery_loss = SourceRecovery.loss(source_logits, source_map)
             loss = loss + config.source_recovery_loss_weight * source_recovery_loss
 
@@ -775,7 +865,7 @@ class MergeVQModel(MergeVQPreTrainedModel):
         return output
 
     def _alignment_logits(self, cls, alignment_pixel_values, num_merged, batch_size):
-        if self.encoder.dist_head is None:
+        if self.encoder.alignment_head is None:
             raise ValueError("teacher_features were given but this model has alignment_head='none'")
         if alignment_pixel_values is not None:
             alignment_pixel_values, grid_h, grid_w = self._check_pixel_values(
@@ -785,7 +875,7 @@ class MergeVQModel(MergeVQPreTrainedModel):
                 raise ValueError("alignment_pixel_values must have the same batch size as pixel_values")
             hidden, _, _, _, _ = self.encoder(alignment_pixel_values, max(1, grid_h * grid_w - num_merged))
             cls = hidden[:, 0]
-        return self.encoder.dist_head(cls)
+        return self.encoder.alignment_head(cls)
 
     def _alignment_loss(self, student_logits, teacher_features):
         if (

@@ -56,7 +56,9 @@ from .modeling_mergear import (
     rotary_2d,
 )
 from .quantization_lfq import split_indices  # noqa: F401  (modeling_mergear's sibling)
-from .sampling_utils import check_guidance_scale, check_guidance_schedule, check_sampling_arguments, sample_rows
+from .sampling_utils import (
+    check_guidance_scale, check_guidance_schedule, check_sampling_arguments, renamed_keyword, sample_rows,
+)
 
 IGNORE_INDEX = -100  # padding of `labels` / `token_positions` when a batch mixes several K
 
@@ -117,7 +119,7 @@ class MergeRandARModel(MergeRandARPreTrainedModel, MergeARModel):
     position-instruction table, with this model's id layout and attention (no repeat eviction)."""
 
     def _add_prompt_embeddings(self, config: MergeRandARConfig) -> None:
-        self.embed_position = nn.Embedding(config.num_image_tokens, config.hidden_size)  # position instructions
+        self.embed_position = nn.Embedding(config.num_patches, config.hidden_size)  # position instructions
 
     @property
     def merge_base(self) -> int:
@@ -125,12 +127,12 @@ class MergeRandARModel(MergeRandARPreTrainedModel, MergeARModel):
 
     @property
     def position_base(self) -> int:
-        return self.merge_base + self.config.num_image_tokens + 1
+        return self.merge_base + self.config.num_patches + 1
 
     def embed(self, input_ids):
         """Embed a mixed sequence of codes, class, merge-instruction and position-instruction ids."""
         config = self.config
-        codebook, length = config.codebook_size, config.num_image_tokens
+        codebook, length = config.codebook_size, config.num_patches
         embedded = self.embed_image(input_ids.clamp(0, codebook - 1))
         embedded = torch.where((input_ids >= codebook)[..., None], self.embed_class(input_ids), embedded)
         merge = self.embed_merge((input_ids - self.merge_base).clamp(0, length))
@@ -161,7 +163,7 @@ class MergeRandARModel(MergeRandARPreTrainedModel, MergeARModel):
                 f"input_ids and grid_positions must both be [batch, length], got {tuple(input_ids.shape)} and "
                 f"{tuple(grid_positions.shape)}."
             )
-        end = self.position_base + self.config.num_image_tokens
+        end = self.position_base + self.config.num_patches
         if ((input_ids < 0) | (input_ids >= end) | (input_ids == self.merge_base)).any():
             raise ValueError(f"input_ids must be valid MergeRandAR ids in [0, {end}) (see modeling_randar).")
         past = cache.get_seq_length() if cache is not None else 0
@@ -194,7 +196,7 @@ class MergeRandARForCausalLM(MergeARGeneratorMixin, MergeRandARPreTrainedModel):
 
     Generation::
 
-        out = model.generate(class_labels=[3, 7], num_tokens=144, cfg_scale=2.0, cfg_schedule="linear")
+        out = model.generate(class_labels=[3, 7], num_tokens=144, guidance_scale=2.0, guidance_schedule="linear")
         source_map = vq_model.predict_source_map(out.image_tokens)
         images = vq_model.decode(out.image_tokens, source_map)
     """
@@ -203,7 +205,7 @@ class MergeRandARForCausalLM(MergeARGeneratorMixin, MergeRandARPreTrainedModel):
         super().__init__(config)
         self.model = MergeRandARModel(config)
         self._init_code_head(config)
-        self.position_head = nn.Linear(config.hidden_size, config.num_image_tokens, bias=False)
+        self.position_head = nn.Linear(config.hidden_size, config.num_patches, bias=False)
         self.position_head.zero_init = True  # uniform over positions at the start
         self.post_init()
 
@@ -213,7 +215,7 @@ class MergeRandARForCausalLM(MergeARGeneratorMixin, MergeRandARPreTrainedModel):
         return self._check_class_labels(class_labels) + self.config.codebook_size
 
     def _check_positions(self, positions, name: str) -> None:
-        length = self.config.num_image_tokens
+        length = self.config.num_patches
         valid = positions != IGNORE_INDEX
         if ((positions[valid] < 0) | (positions[valid] >= length)).any():
             raise ValueError(f"{name} must be grid positions in [0, L = {length}).")
@@ -269,7 +271,7 @@ class MergeRandARForCausalLM(MergeARGeneratorMixin, MergeRandARPreTrainedModel):
         probability under a random order; used positions are masked out as at generation.
         """
         valid = token_positions != IGNORE_INDEX
-        one_hot = F.one_hot(token_positions.clamp(min=0), self.config.num_image_tokens) * valid[..., None]
+        one_hot = F.one_hot(token_positions.clamp(min=0), self.config.num_patches) * valid[..., None]
         remaining = one_hot.flip(1).cumsum(1).flip(1)  # positions p_n..p_K at step n
         used = (one_hot.cumsum(1) - one_hot).bool()  # positions p_1..p_{n-1}
         # A large finite value, not -inf: the target is 0 there, and 0 * -inf would be NaN.
@@ -360,8 +362,8 @@ class MergeRandARForCausalLM(MergeARGeneratorMixin, MergeRandARPreTrainedModel):
         class_labels,
         num_tokens: int | None = None,
         positions=None,
-        cfg_scale: float | None = None,
-        cfg_schedule: str = "constant",
+        guidance_scale: float | None = None,
+        guidance_schedule: str = "constant",
         do_sample: bool = True,
         temperature: float = 1.0,
         top_k: int | None = None,
@@ -369,20 +371,22 @@ class MergeRandARForCausalLM(MergeARGeneratorMixin, MergeRandARPreTrainedModel):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_scores: bool = False,
         callback: Callable[[int, torch.LongTensor], torch.LongTensor | None] | None = None,
+        cfg_scale: float | None = None,
+        cfg_schedule: str | None = None,
     ) -> MergeRandARGenerationOutput:
         r"""
         Generate K merged tokens per class label, one (position, code) pair per step, with a ``DynamicCache``.
 
         Args:
             class_labels: ``[B]`` class ids (``num_classes`` = null class).
-            num_tokens: K (an int, the same for the batch; default ``config.default_num_tokens``, or the length of
+            num_tokens: K (an int, the same for the batch; default ``config.num_tokens``, or the length of
                 ``positions``).
             positions: the generation order, ``[K]`` or ``[B, K]`` distinct grid positions; ``None`` samples each
                 next position from the position head among the unused ones (argmax with ``do_sample=False``).
-            cfg_scale: classifier-free guidance ``u + s (c - u)`` on the code logits, as one batched forward of
+            guidance_scale: classifier-free guidance ``u + s (c - u)`` on the code logits, as one batched forward of
                 ``[cond; uncond]`` rows; ``None`` or 1 = off. Positions are read from the conditional rows.
-            cfg_schedule: ``"constant"`` or ``"linear"`` (RandAR): the scale rises from 1 at the first token to
-                ``cfg_scale`` at the last.
+            guidance_schedule: ``"constant"`` or ``"linear"`` (RandAR): the scale rises from 1 at the first token
+                to ``guidance_scale`` at the last.
             do_sample, temperature, top_k, top_p: sampling of the codes (after guidance); greedy when
                 ``do_sample=False``.
             generator: a ``torch.Generator`` for every random draw (positions and codes), or a list of one per row
@@ -390,20 +394,25 @@ class MergeRandARForCausalLM(MergeARGeneratorMixin, MergeRandARPreTrainedModel):
             output_scores: also return the per-step code logits.
             callback: called after every step with the step index and the ``[B]`` codes just drawn (e.g. a progress
                 bar); a returned ``[B]`` tensor replaces those codes (the next step reads it).
+            cfg_scale, cfg_schedule: deprecated names of ``guidance_scale`` and ``guidance_schedule``.
         """
-        cfg_scale = check_guidance_scale(cfg_scale)
-        check_guidance_schedule(cfg_schedule)
+        guidance_scale = renamed_keyword(guidance_scale, cfg_scale, "guidance_scale", "cfg_scale")
+        guidance_schedule = renamed_keyword(
+            guidance_schedule, cfg_schedule, "guidance_schedule", "cfg_schedule", default="constant"
+        )
+        guidance_scale = check_guidance_scale(guidance_scale)
+        check_guidance_schedule(guidance_schedule)
         check_sampling_arguments(temperature, top_k, top_p)
         class_ids = self._class_ids(class_labels)
-        batch, length = class_ids.numel(), self.config.num_image_tokens
+        batch, length = class_ids.numel(), self.config.num_patches
         order = None if positions is None else self._generation_order(positions, batch, num_tokens)
         if order is not None:
             num_tokens = order.shape[1]
-        num_tokens = self.config.default_num_tokens if num_tokens is None else num_tokens
+        num_tokens = self.config.num_tokens if num_tokens is None else num_tokens
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or not 1 <= num_tokens <= length:
             raise ValueError(f"num_tokens (K) must be an integer in [1, L = {length}], got {num_tokens!r}.")
 
-        guided = cfg_scale is not None
+        guided = guidance_scale is not None
         rows = torch.arange(batch, device=self.device)
         prompt = torch.stack([class_ids, torch.full_like(class_ids, self.model.merge_base + num_tokens)], 1)
         if guided:
@@ -434,9 +443,9 @@ class MergeRandARForCausalLM(MergeARGeneratorMixin, MergeRandARPreTrainedModel):
             hidden = self.model(step_ids, step_grid, cache=cache).last_hidden_state[:, -1]
             logits = self.logits(hidden).float()
             if guided:
-                scale = cfg_scale
-                if cfg_schedule == "linear":
-                    scale = 1 + (cfg_scale - 1) * (step / (num_tokens - 1) if num_tokens > 1 else 1.0)
+                scale = guidance_scale
+                if guidance_schedule == "linear":
+                    scale = 1 + (guidance_scale - 1) * (step / (num_tokens - 1) if num_tokens > 1 else 1.0)
                 logits = logits[batch:] + scale * (logits[:batch] - logits[batch:])
             if output_scores:
                 scores.append(logits)

@@ -7,7 +7,7 @@ components are used through their public methods and configs only.
 """
 
 import os
-import tempfile
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,26 +15,13 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
-from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from .hub import push_pipeline, save_pipeline
 from .image_processing_mergevq import MergeVQImageProcessor
 from .sampling_utils import check_guidance_scale, check_guidance_schedule, check_sampling_arguments, is_integer
 
 OUTPUT_TYPES = ("pil", "np", "pt")
-
-# Model-card metadata shared by every card this project writes (`mergevq_hf.hub` reuses it).
-CARD_LICENSE = "apache-2.0"
-CARD_TAGS = ["mergevq", "mergear", "image-tokenizer", "token-merging", "lookup-free-quantization", "arxiv:2504.00999"]
-CARD_DATASETS = ["ILSVRC/imagenet-1k"]
-EVALUATION_PROTOCOL = """\
-- **rFID** (tokenizer): 50k ImageNet-1k validation images, Resize 256 (bilinear) + CenterCrop 256, FID between the
-  images and their reconstructions (InceptionV3 pool features, 2048-d); also PSNR, SSIM, LPIPS and codebook usage.
-- **gFID / IS** (generator): 50k class-conditional samples (50 per class) against the ImageNet reference batch of
-  the ADM evaluator.
-- **Linear probe** (representation): frozen encoder on all tokens without merging; parameter-free BN + linear
-  layer, 90 epochs (MAE protocol)."""
-CARD_METRICS = ["fid", "inception_score", "psnr", "ssim", "lpips", "accuracy"]
 
 
 @dataclass
@@ -42,12 +29,18 @@ class MergeVQReconstructionOutput(BaseOutput):
     """
     images: reconstructions (list of PIL images, `np.ndarray` [B, H, W, 3] or `torch.Tensor` [B, 3, H, W], in [0, 1]).
     indices: [B, K] codebook indices of the merged tokens.
-    source_maps: [B, L] for every grid position, the index in [0, K) of the merged token it belongs to.
+    source_map: [B, L] for every grid position, the index in [0, K) of the merged token it belongs to (the name of
+        `MergeVQModel.encode`'s field; `source_maps` is its deprecated alias).
     """
 
     images: list | np.ndarray | torch.Tensor
     indices: torch.LongTensor
-    source_maps: torch.LongTensor
+    source_map: torch.LongTensor
+
+    @property
+    def source_maps(self) -> torch.LongTensor:
+        warnings.warn("MergeVQReconstructionOutput.source_maps is now source_map.", FutureWarning, stacklevel=2)
+        return self.source_map
 
 
 class _AfterEachStep(StoppingCriteria):
@@ -173,7 +166,7 @@ class MergeVQPipeline(DiffusionPipeline):
             num_images_per_class: images sampled per class id; the batch `len(class_labels) * num_images_per_class`
                 may not exceed `max_batch_size` (256).
             num_tokens: K, the number of distinct merged tokens the generator is told to produce (the merge
-                instruction); default `transformer.config.default_num_tokens`; must lie in `[1, L]`.
+                instruction); default `transformer.config.num_tokens`; must lie in `[1, L]`.
             guidance_scale: classifier-free guidance scale `s` (logits `u + s (c - u)`, one batched forward per step);
                 None or 1.0 turns guidance off. The Open-MAGVIT2 / LlamaGen sampling scripts use about 2.
             guidance_schedule: `"constant"`, or `"linear"` (random mode only, as RandAR): the scale rises from 1 at
@@ -208,15 +201,59 @@ class MergeVQPipeline(DiffusionPipeline):
         A progress bar advances once per decoding step (L steps in raster mode, K in random mode); configure it
         with `set_progress_bar_config`.
         """
+        # 1. Check inputs
+        labels, num_tokens, guidance_scale = self.check_inputs(
+            class_labels, num_images_per_class, num_tokens, guidance_scale, guidance_schedule, temperature, top_k,
+            top_p, output_type, token_budget,
+        )
+        # 2. Prepare: one class id and one generator per image, the step callback
+        batch_size = len(labels) * num_images_per_class
+        generators = self._row_generators(generator, batch_size)
+        step_callback = self._step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        device = self._execution_device
+        labels = labels.repeat_interleave(num_images_per_class).to(device)
+        random_order = self.generation_mode == "random"
+        self._num_timesteps = num_tokens if random_order else self.transformer.config.num_patches
+
+        # 3. Generate the codes, one decoding step per progress-bar tick
+        shared = dict(  # what both generators take
+            labels=labels, num_tokens=num_tokens, guidance_scale=guidance_scale, temperature=float(temperature),
+            top_k=int(top_k or 0), top_p=None if top_p is None else float(top_p), generators=generators,
+        )
+        with self.progress_bar(total=self.num_timesteps) as bar:
+            after_step = _AfterEachStep(bar, step_callback)
+            if random_order:
+                codes, positions = self._generate_random_order(**shared, guidance_schedule=guidance_schedule,
+                                                               after_step=after_step)
+            else:
+                codes = self._generate_raster(**shared, token_budget=token_budget, after_step=after_step)
+        codes = codes.to(device)
+
+        # 4. Decode: raster codes cover every grid position; random-order codes go through the source map predicted
+        # from them and from the positions the generator chose
+        source_map = self.vq_model.predict_source_map(codes, positions.to(device)) if random_order else None
+        decoded = self.vq_model.decode(codes, source_map)
+
+        # 5. Post-process
+        images = self.image_processor.postprocess(decoded, output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def check_inputs(
+        self, class_labels, num_images_per_class, num_tokens, guidance_scale, guidance_schedule, temperature, top_k,
+        top_p, output_type, token_budget,
+    ) -> tuple[torch.LongTensor, int, float | None]:
+        """Raise a ValueError for any bad `__call__` argument (before any work); returns the class ids as a tensor,
+        K and the guidance scale (None when guidance is off)."""
         labels = self._check_class_labels(class_labels)
         if not is_integer(num_images_per_class) or num_images_per_class < 1:
             raise ValueError(f"num_images_per_class must be a positive integer, got {num_images_per_class!r}")
-        num_tokens = self._check_num_tokens(num_tokens, self.transformer.config.default_num_tokens)
-        cfg_scale = check_guidance_scale(guidance_scale, "guidance_scale")
+        num_tokens = self._check_num_tokens(num_tokens, self.transformer.config.num_tokens)
+        guidance_scale = check_guidance_scale(guidance_scale)
         check_sampling_arguments(temperature, top_k, top_p)
         if not isinstance(token_budget, bool):
             raise ValueError(f"token_budget must be True or False, got {token_budget!r}")
-        check_guidance_schedule(guidance_schedule, "guidance_schedule")
+        check_guidance_schedule(guidance_schedule)
         if guidance_schedule != "constant" and self.generation_mode != "random":
             raise ValueError("guidance_schedule='linear' needs a random-order (MergeRandAR) transformer")
         self._check_output_type(output_type)
@@ -226,39 +263,31 @@ class MergeVQPipeline(DiffusionPipeline):
                 f"{len(labels)} class ids x {num_images_per_class} images per class = {batch_size} images, more than "
                 f"max_batch_size = {self.max_batch_size} per call; split the call into smaller ones"
             )
-        generators = self._row_generators(generator, batch_size)
-        step_callback = self._step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        return labels, num_tokens, guidance_scale
 
-        device = self._execution_device
-        labels = labels.repeat_interleave(num_images_per_class).to(device)
-        random_order = self.generation_mode == "random"
-        self._num_timesteps = num_tokens if random_order else self.transformer.config.num_image_tokens
-        if random_order:
-            with self.progress_bar(total=self.num_timesteps) as bar:
-                hook = _AfterEachStep(bar, step_callback)
-                generated = self.transformer.generate(
-                    class_labels=labels, num_tokens=num_tokens, cfg_scale=cfg_scale, cfg_schedule=guidance_schedule,
-                    temperature=float(temperature), top_k=int(top_k or 0),
-                    top_p=None if top_p is None else float(top_p),
-                    generator=generators, callback=lambda step, codes: hook.after_step(codes),
-                )
-            codes = generated.image_tokens.to(device)
-            images = self.vq_model.decode(codes, self.vq_model.predict_source_map(codes))
-            images = self.image_processor.postprocess(images, output_type)
-            self.maybe_free_model_hooks()
-            return ImagePipelineOutput(images=images) if return_dict else (images,)
-        with self.progress_bar(total=self.num_timesteps) as bar:
-            sequences = self.transformer.generate(
-                class_labels=labels, num_tokens=num_tokens, cfg_scale=cfg_scale, do_sample=True,
-                temperature=float(temperature), top_k=int(top_k or 0), top_p=1.0 if top_p is None else float(top_p),
-                token_budget=token_budget, generators=generators,
-                stopping_criteria=StoppingCriteriaList([_AfterEachStep(bar, step_callback)]),
-            )
-        codes = self.transformer.image_tokens_from_sequences(sequences).to(device)
-        decoded = self.vq_model.decode(codes)  # raster codes cover every position: no source map needed
-        images = self.image_processor.postprocess(decoded, output_type)
-        self.maybe_free_model_hooks()
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+    def _generate_raster(
+        self, labels, num_tokens, guidance_scale, temperature, top_k, top_p, generators, token_budget, after_step
+    ) -> torch.LongTensor:
+        """MergeAR: codes [N, L] for the grid positions in raster order, from transformers' `generate`, which runs
+        `after_step` as a stopping criterion (one that never stops)."""
+        sequences = self.transformer.generate(
+            class_labels=labels, num_tokens=num_tokens, guidance_scale=guidance_scale, do_sample=True,
+            temperature=temperature, top_k=top_k, top_p=1.0 if top_p is None else top_p, token_budget=token_budget,
+            generators=generators, stopping_criteria=StoppingCriteriaList([after_step]),
+        )
+        return self.transformer.image_tokens_from_sequences(sequences)
+
+    def _generate_random_order(
+        self, labels, num_tokens, guidance_scale, temperature, top_k, top_p, generators, guidance_schedule, after_step
+    ) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """MergeRandAR: codes [N, K] of the merged tokens and their grid positions [N, K] (canonical order), generated
+        in random order; its loop runs `after_step` after each token."""
+        generated = self.transformer.generate(
+            class_labels=labels, num_tokens=num_tokens, guidance_scale=guidance_scale,
+            guidance_schedule=guidance_schedule, temperature=temperature, top_k=top_k, top_p=top_p,
+            generator=generators, callback=lambda step, codes: after_step.after_step(codes),
+        )
+        return generated.image_tokens, generated.positions
 
     @staticmethod
     def _row_generators(generator, batch_size: int) -> list[torch.Generator]:
@@ -334,7 +363,7 @@ class MergeVQPipeline(DiffusionPipeline):
             output_type: `"pil"`, `"np"` or `"pt"`, as in `__call__`.
 
         Returns:
-            `MergeVQReconstructionOutput(images, indices, source_maps)`, or that tuple when `return_dict=False`.
+            `MergeVQReconstructionOutput(images, indices, source_map)`, or that tuple when `return_dict=False`.
         """
         num_tokens = self._check_num_tokens(num_tokens, self.vq_model.config.num_tokens)
         self._check_output_type(output_type)
@@ -344,7 +373,7 @@ class MergeVQPipeline(DiffusionPipeline):
         decoded = self.vq_model.decode(encoded.indices, encoded.source_map)
         output = MergeVQReconstructionOutput(
             images=self.image_processor.postprocess(decoded, output_type), indices=encoded.indices,
-            source_maps=encoded.source_map,
+            source_map=encoded.source_map,
         )
         self.maybe_free_model_hooks()
         return output if return_dict else output.to_tuple()
@@ -392,94 +421,16 @@ class MergeVQPipeline(DiffusionPipeline):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
 
-    # ---- saving, model card, Hub upload ---------------------------------------------------------------------------
-
-    def model_card(self, model_id: str | None = None, remote_code: bool = False) -> ModelCard:
-        """A model card for this pipeline: Hub metadata plus the sizes, usage and evaluation protocol.
-
-        `remote_code=True` describes a folder written by `mergevq_hf.hub.export_for_hub` (loads without the package).
-        """
-        vq, ar = self.vq_model.config, self.transformer.config
-        generator = (
-            "MergeRandAR (K merged tokens in random order, decoded through the learned source recovery)"
-            if self.generation_mode == "random"
-            else "MergeAR (raster order over all L positions)"
-        )
-        data = ModelCardData(
-            license=CARD_LICENSE, library_name="diffusers", pipeline_tag="unconditional-image-generation",
-            tags=CARD_TAGS + ["class-conditional-image-generation", "mergevq_hf"], datasets=CARD_DATASETS,
-            metrics=CARD_METRICS,
-        )
-        location = model_id or "path/to/folder"
-        if remote_code:
-            loader = "from diffusers import DiffusionPipeline"
-            call = f'DiffusionPipeline.from_pretrained("{location}", trust_remote_code=True)'
-            note = "The repository carries its own code, so `mergevq_hf` need not be installed."
-        else:
-            loader = "from mergevq_hf import MergeVQPipeline"
-            call = f'MergeVQPipeline.from_pretrained("{location}")'
-            note = "This folder needs `mergevq_hf` installed; `mergevq_hf.hub.export_for_hub` writes one that does not."
-        content = f"""---
-{data.to_yaml()}
----
-
-# {model_id or "MergeVQ + MergeAR"}
-
-MergeVQ tokenizer and MergeAR class-conditional generator
-([MergeVQ, arXiv 2504.00999](https://arxiv.org/abs/2504.00999)), packaged as a diffusers pipeline by `mergevq_hf`.
-
-- Tokenizer: {vq.image_size}x{vq.image_size} images, L = {vq.num_patches} tokens merged to K = {vq.num_tokens},
-  {vq.codebook_bits}-bit look-up-free codes.
-- Generator: {generator}, {ar.num_classes} classes, {ar.num_hidden_layers} layers of width {ar.hidden_size},
-  default K = {ar.default_num_tokens}.
-
-## Usage
-
-```python
-import torch
-{loader}
-
-pipe = {call}
-images = pipe(class_labels=[1, 7], guidance_scale=2.0, generator=torch.Generator().manual_seed(0)).images
-reconstructions = pipe.reconstruct(images, num_tokens={vq.num_tokens}).images
-```
-
-{note}
-
-## Evaluation protocol
-
-{EVALUATION_PROTOCOL}
-"""
-        return ModelCard(content)
+    # ---- saving and Hub upload (the card and the upload live in hub.py) ------------------------------------------
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """diffusers' save plus the image processor's `vq_model/preprocessor_config.json` and a generated `README.md`
-        model card.
-
-        With `push_to_hub=True` (and optionally `repo_id`, `token`, `private`, `commit_message`, `create_pr`) the
-        repository is created *before* anything is written, so offline this raises the Hub's offline error early;
-        then the folder is uploaded.
-        """
-        hub_names = ("repo_id", "token", "private", "commit_message", "create_pr")
-        hub = {name: kwargs.pop(name) for name in hub_names if name in kwargs}
-        repo_id = hub.get("repo_id")
-        if push_to_hub:
-            repo_id = repo_id or os.path.basename(os.path.normpath(str(save_directory)))
-            repo_id = create_repo(repo_id, private=hub.get("private"), token=hub.get("token"), exist_ok=True).repo_id
-        super().save_pretrained(save_directory, **kwargs)
-        self.image_processor.save_pretrained(os.path.join(save_directory, "vq_model"))
-        self.model_card(repo_id).save(os.path.join(save_directory, "README.md"))
-        if push_to_hub:
-            return upload_folder(
-                repo_id=repo_id, folder_path=save_directory, token=hub.get("token"),
-                commit_message=hub.get("commit_message") or "Upload MergeVQPipeline",
-                create_pr=hub.get("create_pr", False),
-            )
+        model card. With `push_to_hub=True` (and optionally `repo_id`, `token`, `private`, `commit_message`,
+        `create_pr`) the repository is created before anything is written, then the folder is uploaded
+        (`hub.save_pipeline`)."""
+        return save_pipeline(self, save_directory, super().save_pretrained, push_to_hub, **kwargs)
 
     def push_to_hub(self, repo_id: str, commit_message=None, private=None, token=None, create_pr=False, **save_kwargs):
-        """Save to a temporary folder (weights, configs, model card) and upload it to `repo_id`."""
-        with tempfile.TemporaryDirectory() as folder:
-            return self.save_pretrained(
-                folder, push_to_hub=True, repo_id=repo_id, commit_message=commit_message, private=private, token=token,
-                create_pr=create_pr, **save_kwargs,
-            )
+        """Save to a temporary folder (weights, configs, model card) and upload it to `repo_id` (`hub.push_pipeline`;
+        diffusers' own would replace the card with a generic one)."""
+        return push_pipeline(self, repo_id, commit_message, private, token, create_pr, **save_kwargs)

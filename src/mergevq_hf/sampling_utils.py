@@ -11,6 +11,7 @@ call `sample_rows` with the per-image generators the pipeline hands them.
 """
 
 import math
+import warnings
 from numbers import Integral, Real
 
 import torch
@@ -28,16 +29,29 @@ def is_finite_number(value) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_guidance_scale(scale, name: str = "cfg_scale") -> float | None:
+def check_guidance_scale(scale, name: str = "guidance_scale") -> float | None:
     """Classifier-free guidance scale `s` of `u + s (c - u)`: None when guidance is off (None or 1), else a float."""
     if scale is not None and not (is_finite_number(scale) and scale >= 0):
         raise ValueError(f"{name} must be None or a finite number >= 0 (1 = no guidance), got {scale!r}.")
     return None if scale is None or scale == 1 else float(scale)
 
 
-def check_guidance_schedule(schedule, name: str = "cfg_schedule") -> None:
+def check_guidance_schedule(schedule, name: str = "guidance_schedule") -> None:
     if schedule not in GUIDANCE_SCHEDULES:
         raise ValueError(f"{name} must be one of {GUIDANCE_SCHEDULES}, got {schedule!r}.")
+
+
+def renamed_keyword(value, old_value, name: str, old_name: str, default=None):
+    """The value of keyword `name`, formerly `old_name`: the old keyword still works, with a FutureWarning.
+
+    `value` is what was passed as `name` (`default` when it was not); giving both with different values is an error.
+    """
+    if old_value is None:
+        return value
+    warnings.warn(f"`{old_name}` is deprecated, use `{name}` (same meaning).", FutureWarning, stacklevel=3)
+    if value != default and value != old_value:
+        raise ValueError(f"{old_name}={old_value!r} and {name}={value!r} disagree; pass {name} only.")
+    return old_value
 
 
 def check_sampling_arguments(temperature, top_k, top_p) -> None:
@@ -89,5 +103,6 @@ __all__ = [
     "check_sampling_arguments",
     "is_finite_number",
     "is_integer",
+    "renamed_keyword",
     "sample_rows",
 ]

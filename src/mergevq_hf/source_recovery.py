@@ -5,6 +5,11 @@ our reading of the paper (docs/design.md §1.5): L learned position queries run 
 (self-attention among queries, cross-attention to the K code embeddings, MLP); the logit for (position l, token k)
 is the dot product of the refined query and the projected token. Trained with a row-wise cross-entropy over K, which matches
 the one-parent-per-position structure of the source map.
+
+Token positions, when known, are free information (docs/design.md §1.5): a merged token's position is its group's first
+grid position (canonical order), which random-order generation chooses explicitly. Given them, position ``positions[k]``
+belongs to token ``k`` for certain and no position before ``positions[k]`` can belong to ``k``; both facts are applied
+as hard masks, and a module built with ``with_positions`` also adds a learned embedding of each token's position.
 """
 
 import torch
@@ -52,27 +57,55 @@ class SourceRecovery(nn.Module):
     """Maps K codes [B, K, bits] to source-map logits [B, L, K]."""
 
     def __init__(self, codebook_bits: int, num_positions: int, hidden_size: int, num_layers: int, num_heads: int,
-                 intermediate_size: int):
+                 intermediate_size: int, with_positions: bool = False):
         super().__init__()
         self.num_positions = num_positions
-        self.rec_embed = nn.Linear(codebook_bits, hidden_size)
+        self.code_embed = nn.Linear(codebook_bits, hidden_size)
+        self.token_position_embed = nn.Embedding(num_positions, hidden_size) if with_positions else None
         self.norm_in = nn.LayerNorm(hidden_size)
-        self.rec_tokens = nn.Parameter(torch.zeros(1, num_positions, hidden_size))
+        self.position_queries = nn.Parameter(torch.zeros(1, num_positions, hidden_size))
         self.blocks = nn.ModuleList(
             SourceRecoveryBlock(hidden_size, num_heads, intermediate_size) for _ in range(num_layers)
         )
         self.norm_out = nn.LayerNorm(hidden_size)
-        self.rec_head = nn.Linear(hidden_size, hidden_size)
+        self.query_head = nn.Linear(hidden_size, hidden_size)
         self.key_head = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        tokens = self.norm_in(self.rec_embed(codes))
-        queries = self.rec_tokens.expand(codes.shape[0], -1, -1)
+    def forward(self, codes: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, L, K] from codes [B, K, bits] and, optionally, the tokens' grid positions [B, K] (canonical)."""
+        if self.token_position_embed is not None and positions is None:
+            raise ValueError("this source recovery was trained with token positions: pass positions [B, K]")
+        tokens = self.code_embed(codes)
+        if self.token_position_embed is not None:
+            tokens = tokens + self.token_position_embed(positions)
+        tokens = self.norm_in(tokens)
+        queries = self.position_queries.expand(codes.shape[0], -1, -1)
         for block in self.blocks:
             queries = block(queries, tokens)
-        queries = self.rec_head(self.norm_out(queries))
+        queries = self.query_head(self.norm_out(queries))
         keys = self.key_head(tokens)
-        return queries @ keys.transpose(1, 2) / keys.shape[-1] ** 0.5
+        logits = queries @ keys.transpose(1, 2) / keys.shape[-1] ** 0.5
+        return logits if positions is None else self.apply_position_constraints(logits, positions)
+
+    @staticmethod
+    def apply_position_constraints(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """A token owns its own position and no position before it: -inf for every parent those facts rule out."""
+        grid = torch.arange(logits.shape[1], device=logits.device)[None, :, None]
+        token_position = positions[:, None, :]
+        is_own = token_position == grid  # [B, L, K]: position l is token k's first position
+        allowed = torch.where(is_own.any(dim=-1, keepdim=True), is_own, token_position < grid)
+        # A generator may not have chosen position 0 (every real image has it): positions before the first token's
+        # then go to the first token rather than to no token.
+        allowed[..., 0] |= ~allowed.any(dim=-1)
+        return logits.masked_fill(~allowed, float("-inf"))
+
+    @staticmethod
+    def token_positions(source_map: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """Each token's first grid position [B, K] from a source map [B, L] (its position in canonical order)."""
+        batch, length = source_map.shape
+        first = torch.full((batch, num_tokens), length, dtype=torch.long, device=source_map.device)
+        grid = torch.arange(length, device=source_map.device).expand(batch, -1)
+        return first.scatter_reduce(1, source_map.long(), grid, reduce="amin")
 
     @staticmethod
     def loss(logits: torch.Tensor, source_map: torch.Tensor) -> torch.Tensor:
@@ -80,9 +113,9 @@ class SourceRecovery(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1).float(), source_map.flatten())
 
     @torch.no_grad()
-    def predict(self, codes: torch.Tensor) -> torch.Tensor:
+    def predict(self, codes: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Most likely parent of every position: a source map [B, L] (each position exactly one parent)."""
-        return self.forward(codes).argmax(dim=-1)
+        return self.forward(codes, positions).argmax(dim=-1)
 
 
 __all__ = ["SourceRecovery"]

@@ -10,9 +10,10 @@ What the official checkpoint holds (facts read from `taming/models/lfqgan_rep.py
   the parameter name with the dots removed (`encoder.conv_in.weight` -> `model_ema.encoderconv_inweight`), plus
   `model_ema.decay` / `model_ema.num_updates`. The released models are evaluated with these EMA weights.
 
-Mapping: `MergeVQModel` mirrors the official parameter names, except the encoder's output projection, a 1x1
-`Conv2d` `encoder.conv_out` [bits, dim, 1, 1] in the official code (run on a fake sqrt(K) x sqrt(K) grid) and a
-`Linear` `encoder.proj_out` [bits, dim] here. The decoder's upsamplers need no channel permutation: both codes use
+Mapping: the official names are `MergeVQModel`'s checkpoint names (`checkpoint_parameter_name`: its modules are
+renamed for what they are, e.g. the official `encoder.attn` ViT stack is `encoder.transformer`), except the encoder's
+output projection, a 1x1 `Conv2d` `encoder.conv_out` [bits, dim, 1, 1] in the official code (run on a fake
+sqrt(K) x sqrt(K) grid) and a `Linear` `encoder.proj_out` [bits, dim] here. The decoder's upsamplers need no channel permutation: both codes use
 DCR depth-to-space (docs/design.md §1.6; `nn.PixelShuffle`, CRD, would need one).
 
 Source recovery: official checkpoints carry no trained source-recovery weights, so converted models are built with
@@ -30,7 +31,7 @@ import yaml
 
 from ..configuration_mergevq import MergeVQConfig
 from ..hub import tokenizer_model_card
-from ..modeling_mergevq import MergeVQModel
+from ..modeling_mergevq import MergeVQModel, checkpoint_parameter_name
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,10 @@ _MAX_LISTED = 20
 
 
 def official_name(name: str) -> str:
-    """Our parameter name -> the official one: only the encoder's output projection is named differently."""
-    return "encoder.conv_out." + name[len("encoder.proj_out.") :] if name.startswith("encoder.proj_out.") else name
+    """Our parameter name -> the official one: our checkpoint name, but for the encoder's output projection."""
+    if name.startswith("encoder.proj_out."):
+        return "encoder.conv_out." + name[len("encoder.proj_out.") :]
+    return checkpoint_parameter_name(name)
 
 
 def official_config(variant: str, num_tokens: int | None = None) -> MergeVQConfig:

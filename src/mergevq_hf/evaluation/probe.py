@@ -61,9 +61,9 @@ def knn_accuracy(train_features: Any, train_labels: Any, test_features: Any, tes
 
 
 @torch.no_grad()
-def image_features(model: Any, images: torch.Tensor, pooling: str = "cls", batch_size: int = 256) -> torch.Tensor:
+def image_features(model: Any, images: torch.Tensor, pooling: str = "cls", batch_size: int = 256, num_tokens: int | None = None) -> torch.Tensor:
     """``model.get_image_features(pixel_values, pooling).pooler_output`` over ``images`` ``[N, 3, H, W]`` in [-1, 1],
-    batched.
+    batched; ``num_tokens`` (MergeVQ only) merges to K tokens first instead of keeping all L.
 
     Returns float32 ``[N, D]`` on the CPU; batches run on the model's device and dtype.
     """
@@ -72,10 +72,11 @@ def image_features(model: Any, images: torch.Tensor, pooling: str = "cls", batch
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or len(images) == 0:
         raise ValueError(f"images must be a non-empty tensor [N, 3, H, W], got {getattr(images, 'shape', type(images))}")
     param = next(model.parameters())
+    extra = {} if num_tokens is None else {"num_tokens": num_tokens}
     was_training = model.training
     model.eval()
     features = [
-        model.get_image_features(b.to(param.device, param.dtype), pooling=pooling).pooler_output.float().cpu()
+        model.get_image_features(b.to(param.device, param.dtype), pooling=pooling, **extra).pooler_output.float().cpu()
         for b in images.split(batch_size)
     ]
     model.train(was_training)

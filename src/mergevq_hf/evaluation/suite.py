@@ -211,10 +211,11 @@ def evaluate_representation(
     pooling: str = "cls",
     knn_k: int = 20,
     batch_size: int = 256,
+    num_tokens: int | None = None,
 ) -> dict[str, float]:
-    """Linear-probe and k-NN test accuracy of ``model.get_image_features`` (frozen, no merging)."""
-    train = image_features(model, train_images, pooling=pooling, batch_size=batch_size)
-    test = image_features(model, test_images, pooling=pooling, batch_size=batch_size)
+    """Linear-probe and k-NN test accuracy of ``model.get_image_features`` (frozen; no merging unless ``num_tokens``)."""
+    train = image_features(model, train_images, pooling=pooling, batch_size=batch_size, num_tokens=num_tokens)
+    test = image_features(model, test_images, pooling=pooling, batch_size=batch_size, num_tokens=num_tokens)
     return {
         "pooling": pooling,
         "num_train": len(train),

@@ -20,6 +20,7 @@ classes (which import ``transformers.Trainer`` and ``accelerate``) are loaded on
 
 from .data import (
     FASHION_MNIST_CLASSES,
+    AlignmentViewsTransform,
     ImageTransform,
     collate_images,
     load_fashion_mnist,
@@ -60,6 +61,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "AlignmentViewsTransform",
     "AtomicCheckpointMixin",
     "EMAModel",
     "FASHION_MNIST_CLASSES",

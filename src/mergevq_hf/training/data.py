@@ -20,6 +20,7 @@ well under a second and decodes just as fast.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import random
 from pathlib import Path
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "AlignmentViewsTransform",
     "FASHION_MNIST_APT_COMMAND",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_DIR",
@@ -350,6 +352,98 @@ class ImageTransform:
 
     def __repr__(self) -> str:
         return f"ImageTransform(size={self.size}, image_column={self.image_column!r}, label_column={self.label_column!r}, crop={self.crop!r}, hflip={self.hflip})"
+
+
+class AlignmentViewsTransform(ImageTransform):
+    """:class:`ImageTransform` plus the two extra views of the paper's alignment recipe (docs/design.md §1.4).
+
+    Besides ``pixel_values`` (the reconstruction view, exactly as :class:`ImageTransform` makes it), every image gives
+
+    * ``alignment_pixel_values`` ``[3, size, size]``, the student's *strong* view: a random resized crop (area a
+      uniform fraction ``strong_scale`` of the image, aspect ratio log-uniform in ``strong_ratio``, bicubic) to the
+      tokenizer's own ``size``, so that the second encoder pass has the same L and the step's K applies, then a
+      horizontal flip with probability 0.5;
+    * ``teacher_pixel_values`` ``[3, teacher_size, teacher_size]``, the teacher's *weak* view: the shorter side
+      resized (bilinear) to ``teacher_size``, then a random ``teacher_size`` crop.
+
+    Both are in [-1, 1]; the teacher applies its own normalisation. The released code makes these views at 224 pixels;
+    here the student's view follows the tokenizer's resolution and the teacher's view the teacher's input size.
+    Under a multi-worker ``DataLoader`` each worker reseeds the generator from its own torch seed, so workers do not
+    repeat each other's crops.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        teacher_size: int,
+        *,
+        strong_scale: tuple[float, float] = (0.08, 1.0),
+        strong_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(size, **kwargs)
+        if teacher_size < 1:
+            raise ValueError(f"teacher_size must be positive, got {teacher_size}")
+        if not 0 < strong_scale[0] <= strong_scale[1] <= 1:
+            raise ValueError(f"strong_scale must be (low, high) with 0 < low <= high <= 1, got {strong_scale}")
+        if not 0 < strong_ratio[0] <= strong_ratio[1]:
+            raise ValueError(f"strong_ratio must be (low, high) with 0 < low <= high, got {strong_ratio}")
+        self.teacher_size = int(teacher_size)
+        self.strong_scale, self.strong_ratio = tuple(strong_scale), tuple(strong_ratio)
+        self._worker_id: int | None = None
+
+    def _random_resized_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of a crop with a random area fraction and aspect ratio; after 10 misses, the
+        central crop with the image's aspect ratio clamped into ``strong_ratio``."""
+        log_low, log_high = math.log(self.strong_ratio[0]), math.log(self.strong_ratio[1])
+        for _ in range(10):
+            area = width * height * self._rng.uniform(*self.strong_scale)
+            aspect = math.exp(self._rng.uniform(log_low, log_high))
+            w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                left, top = self._rng.randint(0, width - w), self._rng.randint(0, height - h)
+                return left, top, left + w, top + h
+        aspect = min(max(width / height, self.strong_ratio[0]), self.strong_ratio[1])
+        w, h = (width, round(width / aspect)) if width / height < aspect else (round(height * aspect), height)
+        left, top = (width - w) // 2, (height - h) // 2
+        return left, top, left + w, top + h
+
+    def strong_view(self, image: Any) -> torch.Tensor:
+        """The student's strong view of one image: ``[3, size, size]`` in [-1, 1]."""
+        from PIL import Image
+
+        img = _to_pil_rgb(image, self.background)
+        box = self._random_resized_box(*img.size)
+        view = torch.from_numpy(np.array(img.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box), dtype=np.uint8)).permute(2, 0, 1)
+        if self._rng.random() < 0.5:
+            view = view.flip(-1)
+        return view.float().div_(127.5).sub_(1.0)
+
+    def teacher_view(self, image: Any) -> torch.Tensor:
+        """The teacher's weak view of one image: ``[3, teacher_size, teacher_size]`` in [-1, 1]."""
+        from PIL import Image
+
+        img = _to_pil_rgb(image, self.background)
+        s, (w, h) = self.teacher_size, img.size
+        if min(w, h) != s:
+            img = img.resize((max(s, round(w * s / min(w, h))), max(s, round(h * s / min(w, h)))), Image.Resampling.BILINEAR)
+            w, h = img.size
+        left, top = self._rng.randint(0, w - s), self._rng.randint(0, h - s)
+        view = torch.from_numpy(np.array(img.crop((left, top, left + s, top + s)), dtype=np.uint8)).permute(2, 0, 1)
+        return view.float().div_(127.5).sub_(1.0)
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and worker.id != self._worker_id:
+            self._rng, self._worker_id = random.Random(worker.seed), worker.id
+        out = super().__call__(batch)
+        images = batch[self.image_column]
+        out["alignment_pixel_values"] = [self.strong_view(im) for im in images]
+        out["teacher_pixel_values"] = [self.teacher_view(im) for im in images]
+        return out
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, teacher_size={self.teacher_size}, strong_scale={self.strong_scale}, strong_ratio={self.strong_ratio})"
 
 
 def collate_images(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:

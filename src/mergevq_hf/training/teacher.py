@@ -16,8 +16,10 @@ then ImageNet mean/std. :func:`precompute_teacher_features` runs a teacher once 
 a safetensors file keyed by the teacher and a hash of the data; :func:`attach_teacher_features` adds the features to a
 ``datasets.Dataset`` as a column (pass it through with ``ImageTransform(passthrough=["teacher_features"])``).
 
-Caching the teacher view is a deliberate simplification: the released code feeds the teacher a random 224 crop per
-step; here the teacher sees one fixed centre view per image.
+Caching serves the trainer's ``alignment="cached"`` recipe, where the teacher sees one fixed centre view per image.
+The released code's recipe (``alignment="paper"``, docs/design.md §1.4) feeds the teacher a random crop every step
+instead: the trainer then runs the teacher itself on the views of :class:`~.data.AlignmentViewsTransform`, and
+nothing is cached.
 """
 
 from __future__ import annotations

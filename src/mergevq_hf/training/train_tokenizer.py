@@ -7,6 +7,8 @@ Run as ``mergevq train-tokenizer``, ``python -m mergevq_hf.training.train_tokeni
         --max_steps 2000 --per_device_train_batch_size 32 --logging_steps 50 --save_steps 500 --use_cpu
     # no pretrained network at all
     mergevq train-tokenizer ... --teacher none --perceptual_loss none
+    # the released code's alignment recipe: second encoder pass on a strong view, teacher run every step
+    mergevq train-tokenizer ... --alignment paper
     # continue a killed run from its newest complete checkpoint
     mergevq train-tokenizer ... --resume_from_checkpoint last
     # several processes (DDP; gloo on CPU with --use_cpu, NCCL on GPUs)
@@ -33,6 +35,7 @@ from transformers.trainer_utils import enable_full_determinism
 from ..configuration_mergevq import MergeVQConfig
 from ..modeling_mergevq import MergeVQModel
 from . import (
+    AlignmentViewsTransform,
     ImageTransform,
     attach_teacher_features,
     build_teacher,
@@ -118,20 +121,25 @@ def main(argv: list[str] | None = None) -> MergeVQTrainer | None:
     enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
 
     teacher = build_teacher(model_args.teacher, image_size=model_args.teacher_image_size)
+    if args.alignment == "paper" and teacher is None:
+        raise ValueError("--alignment paper runs the teacher every step: pass --teacher mobilenet_v2, dinov2 or a Hub id / folder (not 'none'), or use --alignment cached")
     model = build_model(model_args, None if teacher is None else teacher.feature_dim)
     image_size = model.config.image_size
     train = load_image_dataset(data_args.dataset, data_args.split, image_column=data_args.image_column, config_name=data_args.dataset_config,
                                max_samples=data_args.max_train_samples, image_size=image_size, seed=args.seed)
-    passthrough = []
-    if teacher is not None:
-        with args.main_process_first(desc="teacher features"):  # the first process fills the cache, the others read it
-            features = precompute_teacher_features(teacher.to(args.device), train, image_column=data_args.image_column,
-                                                   cache_dir=model_args.feature_cache_dir, progress=args.should_log)
-        train, passthrough = attach_teacher_features(train, features), ["teacher_features"]
-        del teacher
-    train = train.with_transform(ImageTransform(image_size, data_args.image_column, label_column=None, passthrough=passthrough))
+    if args.alignment == "paper":  # views made per example, teacher run per step: no feature cache
+        train = train.with_transform(AlignmentViewsTransform(image_size, teacher.image_size, image_column=data_args.image_column, label_column=None, seed=args.seed))
+    else:
+        passthrough = []
+        if teacher is not None:
+            with args.main_process_first(desc="teacher features"):  # the first process fills the cache, the others read it
+                features = precompute_teacher_features(teacher.to(args.device), train, image_column=data_args.image_column,
+                                                       cache_dir=model_args.feature_cache_dir, progress=args.should_log)
+            train, passthrough = attach_teacher_features(train, features), ["teacher_features"]
+            teacher = None
+        train = train.with_transform(ImageTransform(image_size, data_args.image_column, label_column=None, passthrough=passthrough))
 
-    trainer = MergeVQTrainer(model=model, args=args, train_dataset=train)
+    trainer = MergeVQTrainer(model=model, args=args, train_dataset=train, teacher=teacher)
     if resume:
         logger.info("resuming from %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)

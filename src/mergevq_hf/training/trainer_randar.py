@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..source_recovery import SourceRecovery
 from .trainer_mergear import MergeARTokenDataset
 
 __all__ = ["MergeRandARTokenDataset", "collate_random_order", "first_positions"]
@@ -26,8 +27,7 @@ IGNORE_INDEX = -100
 def first_positions(source_map: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """``[L]`` source map with values in ``[0, K)`` -> ``[K]`` first (raster-minimum) grid position of each group."""
     length = source_map.shape[-1]
-    first = torch.full((num_tokens,), length, dtype=torch.long)
-    first.scatter_reduce_(0, source_map.long(), torch.arange(length), reduce="amin")
+    first = SourceRecovery.token_positions(source_map[None], num_tokens)[0]
     if (first == length).any():
         raise ValueError(f"the source map leaves some of the K = {num_tokens} merged tokens without a position")
     return first

@@ -13,6 +13,11 @@ Generator loss = model loss (L1 + entropy + commitment [+ alignment] [+ source r
 + ``perceptual_weight`` * perceptual + ``adversarial_weight`` * non-saturating GAN loss (a fixed weight, no
 adaptive weight). Discriminator loss = hinge + ``lecam_weight`` * LeCAM.
 
+Alignment (``args.alignment``, docs/design.md §1.4): ``"cached"`` aligns the main pass's CLS to teacher features the
+batches carry (computed once per image); ``"paper"`` hands the model the teacher's features of the batch's teacher view
+(the teacher runs here, without a graph) and the strong view, which the model encodes a second time at the step's K
+inside the same forward call (so DDP and FSDP see one forward), aligning only that pass's CLS.
+
 The perceptual network and the discriminator are held by the trainer, never by the ``PreTrainedModel``. Checkpoints
 (written atomically, see :mod:`.atomic_checkpoints`) add ``discriminator.safetensors`` (discriminator + LeCAM
 averages), ``discriminator_optimizer.pt`` and ``ema.safetensors`` to the Trainer's files, and resuming restores them.
@@ -59,6 +64,7 @@ DISCRIMINATOR_NAME = "discriminator.safetensors"
 DISCRIMINATOR_OPTIMIZER_NAME = "discriminator_optimizer.pt"
 EMA_NAME = "ema.safetensors"
 RAW_WEIGHTS_SUBFOLDER = "raw"
+ALIGNMENT_RECIPES = ("cached", "paper")
 
 
 @dataclass
@@ -99,8 +105,19 @@ class MergeVQTrainingArguments(TrainingArguments):
     )
     num_tokens_probs: list[float] | None = field(default=None, metadata={"help": "Probabilities of the K candidates."})
     random_hflip: bool = field(default=False, metadata={"help": "Flip training images horizontally with probability 0.5."})
+    alignment: str = field(
+        default="cached",
+        metadata={
+            "help": "Global-alignment recipe (docs/training.md): 'cached' aligns the main pass's CLS to teacher features "
+            "cached once per image; 'paper' (the released code's) runs the encoder a second time at the step's K on a "
+            "strong view and the teacher every step on its own random view.",
+            "choices": ALIGNMENT_RECIPES,
+        },
+    )
 
     def __post_init__(self):
+        if self.alignment not in ALIGNMENT_RECIPES:
+            raise ValueError(f"alignment must be one of {', '.join(map(repr, ALIGNMENT_RECIPES))}, got {self.alignment!r}")
         super().__post_init__()
         for name in ("perceptual_weight", "adversarial_weight", "lecam_weight", "discriminator_start"):
             if getattr(self, name) < 0:
@@ -126,6 +143,21 @@ def _check_distribution(candidates, probs, num_patches: int) -> tuple[list[int],
     if len(probs) != len(candidates) or (probs < 0).any() or abs(probs.sum() - 1.0) > 1e-4:
         raise ValueError(f"num_tokens_probs must be {len(candidates)} non-negative numbers summing to 1, got {probs.tolist()}")
     return candidates, probs / probs.sum()
+
+
+def _check_teacher(alignment: str, teacher: nn.Module | None, config) -> None:
+    """A teacher module goes with ``alignment="paper"`` only, and must fit the model's alignment head."""
+    if alignment == "cached":
+        if teacher is not None:
+            raise ValueError("teacher= is run only by alignment='paper'; with 'cached' the batches carry precomputed teacher_features (precompute_teacher_features)")
+        return
+    if teacher is None:
+        raise ValueError("alignment='paper' runs a teacher every step: pass teacher= (build_teacher('mobilenet_v2'), 'dinov2', ...; not 'none'), or use alignment='cached'")
+    if config.alignment_head == "none":
+        raise ValueError("alignment='paper' needs a model with an alignment head, but this one has alignment_head='none'")
+    feature_dim = getattr(teacher, "feature_dim", None)
+    if feature_dim and feature_dim != config.alignment_dim:
+        raise ValueError(f"the teacher gives {feature_dim}-d features but the model's alignment_dim is {config.alignment_dim}")
 
 
 @contextlib.contextmanager
@@ -160,15 +192,20 @@ class MergeVQTrainer(ShardedTrainingMixin, AtomicCheckpointMixin, Trainer):
         perceptual: a perceptual-loss module ``(reconstruction, target) -> scalar``; default
             ``PerceptualLoss(args.perceptual_loss)``.
         discriminator: default ``PatchGANDiscriminator`` sized by ``args``.
+        teacher: the frozen alignment teacher (:func:`~.teacher.build_teacher`) that ``args.alignment="paper"`` runs
+            every step; ``None`` with ``"cached"``. It is held by the trainer, so it is in no optimiser, state dict or
+            checkpoint.
         **kwargs: passed to ``Trainer`` (``train_dataset``, ``data_collator`` (default :func:`collate_images`), ...).
 
-    Batches are dicts with ``pixel_values`` ``[B, C, H, W]`` in [-1, 1] and, optionally, ``teacher_features``
-    ``[B, alignment_dim]``.
+    Batches are dicts with ``pixel_values`` ``[B, C, H, W]`` in [-1, 1] and, with ``alignment="cached"``, optionally
+    ``teacher_features`` ``[B, alignment_dim]``; with ``alignment="paper"``, ``alignment_pixel_values`` (the strong
+    view) and ``teacher_pixel_values`` (the teacher's view), as :class:`~.data.AlignmentViewsTransform` makes them.
     """
 
-    def __init__(self, model, args: MergeVQTrainingArguments, perceptual: nn.Module | None = None, discriminator: nn.Module | None = None, **kwargs):
+    def __init__(self, model, args: MergeVQTrainingArguments, perceptual: nn.Module | None = None, discriminator: nn.Module | None = None, teacher: nn.Module | None = None, **kwargs):
         if not isinstance(args, MergeVQTrainingArguments):
             raise ValueError(f"MergeVQTrainer needs MergeVQTrainingArguments, got {type(args).__name__}")
+        _check_teacher(args.alignment, teacher, model.config)
         kwargs.setdefault("data_collator", collate_images)
         super().__init__(model=model, args=args, **kwargs)
         config = model.config
@@ -185,6 +222,7 @@ class MergeVQTrainer(ShardedTrainingMixin, AtomicCheckpointMixin, Trainer):
             else PatchGANDiscriminator(config.num_channels, args.discriminator_channels, args.discriminator_layers, args.discriminator_norm)
         ).to(device)
         self.lecam = LeCAMRegularizer(args.lecam_decay).to(device)
+        self.teacher = teacher.to(device).eval().requires_grad_(False) if teacher is not None else None
         self.discriminator_optimizer = torch.optim.AdamW(
             self.discriminator.parameters(),
             lr=args.discriminator_learning_rate or args.learning_rate,
@@ -241,7 +279,11 @@ class MergeVQTrainer(ShardedTrainingMixin, AtomicCheckpointMixin, Trainer):
         """Generator loss of one batch: the model's loss + perceptual + adversarial (discriminator frozen)."""
         args = self.args
         pixel_values = inputs["pixel_values"]
-        outputs = model(pixel_values=pixel_values, num_tokens=inputs.get("num_tokens"), teacher_features=inputs.get("teacher_features"))
+        if args.alignment == "paper":
+            alignment_inputs = self._paper_alignment_inputs(inputs)
+        else:
+            alignment_inputs = {"teacher_features": inputs.get("teacher_features")}
+        outputs = model(pixel_values=pixel_values, num_tokens=inputs.get("num_tokens"), **alignment_inputs)
         reconstruction = outputs.reconstruction
         loss = outputs.loss
         terms = {
@@ -260,6 +302,19 @@ class MergeVQTrainer(ShardedTrainingMixin, AtomicCheckpointMixin, Trainer):
             self._gan_batch = (pixel_values.detach(), reconstruction.detach())
             self._record(num_tokens=torch.tensor(float(outputs.indices.shape[1]), device=loss.device), **terms)
         return (loss, outputs) if return_outputs else loss
+
+    def _paper_alignment_inputs(self, inputs: dict) -> dict[str, torch.Tensor]:
+        """The released recipe's alignment inputs: the teacher's features of its own view (no graph) and the strong
+        view, which the model encodes a second time at the step's K; only that pass's CLS is aligned."""
+        missing = [key for key in ("alignment_pixel_values", "teacher_pixel_values") if key not in inputs]
+        if missing:
+            raise ValueError(
+                f"alignment='paper' needs batches with {missing} (the student's strong view and the teacher's view); "
+                f"build the dataset transform with AlignmentViewsTransform, got keys {sorted(inputs)}"
+            )
+        with torch.no_grad():
+            teacher_features = self.teacher(inputs["teacher_pixel_values"]).float()
+        return {"teacher_features": teacher_features, "alignment_pixel_values": inputs["alignment_pixel_values"]}
 
     def discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         """Discriminator loss on (real, detached reconstruction), backward, and an optimiser step when the

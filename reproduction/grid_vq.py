@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """The plain grid-VQ baseline of the reproduction table: diffusers' ``VQModel`` trained with MergeVQ's own recipe.
 
 :class:`GridVQTokenizer` gives a ``VQModel`` the tokenizer interface that ``MergeVQTrainer`` and
@@ -8,15 +7,14 @@ with LeCAM from ``--discriminator_start``), EMA, data and budget as the MergeVQ 
 (nearest-neighbour VQ, 2^10 codes of 8 dims, diffusers' commitment loss) and the missing teacher alignment differ.
 The export is a stock diffusers folder: ``VQModel.from_pretrained(output_dir)`` (EMA weights).
 
-    python benchmarks/train_grid_vq.py --output_dir outputs/reproduction/grid-vq-4 --grid_size 4 \
-        --dataset fashion_mnist --max_steps 1200 --per_device_train_batch_size 32 --use_cpu
+``python -m reproduction train grid-vq-4 grid-vq-8`` trains both with the table's budget; :func:`main` takes the
+options of :class:`GridArguments` and ``MergeVQTrainingArguments`` as a list.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -32,7 +30,7 @@ from mergevq_hf.training import ImageTransform, load_image_dataset
 from mergevq_hf.training.atomic_checkpoints import resolve_resume_checkpoint
 from mergevq_hf.training.trainer_tokenizer import MergeVQTrainer, MergeVQTrainingArguments
 
-logger = logging.getLogger("train_grid_vq")
+logger = logging.getLogger(__name__)
 
 # Encoder/decoder widths per grid: one stride-2 stage per halving of 32 px, sized near MergeVQ tiny (438k parameters).
 WIDTHS = {4: (16, 32, 32, 48), 8: (16, 32, 48)}
@@ -129,8 +127,12 @@ class GridArguments:
     dataset: str = field(default="fashion_mnist", metadata={"help": "Dataset spec of mergevq_hf.training.load_image_dataset."})
 
 
+def parse_args(argv: list[str] | None = None) -> tuple[GridArguments, MergeVQTrainingArguments]:
+    return HfArgumentParser((GridArguments, MergeVQTrainingArguments)).parse_args_into_dataclasses(args=argv)
+
+
 def main(argv: list[str] | None = None) -> None:
-    grid_args, args = HfArgumentParser((GridArguments, MergeVQTrainingArguments)).parse_args_into_dataclasses(args=argv)
+    grid_args, args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
     model = GridVQTokenizer(build_vq_model(grid_args.grid_size))
@@ -143,7 +145,3 @@ def main(argv: list[str] | None = None) -> None:
             model.vq_model.save_pretrained(args.output_dir)  # a stock diffusers VQModel folder
         trainer.save_state()
         logger.info("saved VQModel to %s", args.output_dir)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Small-scale reproduction of the paper's claims on Fashion-MNIST 32x32, at equal training budgets.
 
 Scores trained models and prints three markdown tables; ``--write FILE`` replaces each part's marked block in FILE
@@ -15,12 +14,12 @@ Scores trained models and prints three markdown tables; ``--write FILE`` replace
    FD and class accuracy of samples (same seeds), decode tokens/s (the rows take turns per batch, so machine load
    hits them alike) and K/V entries per sequence.
 
-Every model is trained by ``scripts/train_reproduction.sh`` with the budget and recipe of its bundled counterpart
-(tokenizers: 1,200 steps x 32 images; raster AR: 1,200 steps x 64; seed 0):
+Every model is trained by ``python -m reproduction train`` (:mod:`reproduction.train`) with the budget and recipe of
+its bundled counterpart (tokenizers: 1,200 steps x 32 images; raster AR: 1,200 steps x 64; seed 0):
 
-    scripts/train_reproduction.sh mergevq-k64 mergevq-k36 mergevq-k16 mergevq-k9 grid-vq-4 grid-vq-8 raster-ar
-    SEED=1 scripts/train_reproduction.sh mergevq-k64 mergevq-k36 mergevq-k16 mergevq-k9   # optional: seed spread
-    python benchmarks/reproduce_paper.py --write benchmarks/RESULTS.md
+    python -m reproduction train mergevq-k64 mergevq-k36 mergevq-k16 mergevq-k9 grid-vq-4 grid-vq-8 raster-ar
+    python -m reproduction train mergevq-k64 mergevq-k36 mergevq-k16 mergevq-k9 --seed 1   # optional: seed spread
+    python -m reproduction score --write benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -43,7 +42,10 @@ from mergevq_hf.cache_mergear import MergeARCache
 from mergevq_hf.evaluation import dataset_to_tensors, evaluate_generation, evaluate_reconstruction, evaluate_representation
 from mergevq_hf.evaluation.sampling import batch_generator
 from mergevq_hf.training import load_fashion_mnist
-from train_grid_vq import GridVQTokenizer
+
+from .alignment import alignment_table
+from .generators import ablation_table, generate_codes
+from .grid_vq import GridVQTokenizer
 
 FEATURES = ("lenet-fashion", "mobilenet_v2")
 ABLATION_K = (64, 36, 16, 9)
@@ -55,7 +57,7 @@ MARKERS = "<!-- reproduction:{part}:begin -->", "<!-- reproduction:{part}:end --
 def load_tokenizer(models: Path, name: str):
     path = models / name
     if not (path / "config.json").is_file():
-        raise SystemExit(f"{path} holds no trained model: run `scripts/train_reproduction.sh {name}` first")
+        raise SystemExit(f"{path} holds no trained model: run `python -m reproduction train {name}` first")
     if name.startswith("grid-vq-"):
         return GridVQTokenizer(VQModel.from_pretrained(path)).eval()
     return MergeVQModel.from_pretrained(path).eval()
@@ -63,7 +65,7 @@ def load_tokenizer(models: Path, name: str):
 
 def reconstruction_parameters(model) -> int:
     """Parameters on the image -> codes -> image path (MergeVQ's alignment head and source recovery excluded)."""
-    skip = ("encoder.dist_head.", "source_recovery.")
+    skip = ("encoder.alignment_head.", "source_recovery.")
     return sum(p.numel() for name, p in model.named_parameters() if not name.startswith(skip))
 
 
@@ -91,7 +93,7 @@ def tokenizer_tables(models: Path, test_images, probe_data) -> str:
     at_k = dict(zip(ABLATION_K, evaluate_reconstruction(bundled, test_images, num_tokens=ABLATION_K, feature_networks=FEATURES)))
     for row in at_k.values():
         row["params"] = reconstruction_parameters(bundled)
-    # A second training seed where one was trained (`SEED=1 scripts/train_reproduction.sh ...`): run-to-run spread.
+    # A second training seed where one was trained (`python -m reproduction train ... --seed 1`): run-to-run spread.
     seed1 = {k: score_tokenizer(load_tokenizer(models, f"mergevq-k{k}-seed1"), k, test_images, probe_data)
              for k in ABLATION_K if (models / f"mergevq-k{k}-seed1" / "config.json").is_file()}
     for k, row in at_k.items():
@@ -140,20 +142,12 @@ def kv_entries(cache) -> float:
     return float(cache.get_seq_length())
 
 
-def generate_codes(transformer, labels, cfg: float, cache, generator: torch.Generator) -> torch.Tensor:
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)  # generate draws from the global RNG: the same seed gives every row the same draws
-        sequences = transformer.generate(class_labels=labels, cfg_scale=cfg, do_sample=True, top_k=0, cache=cache)
-    return transformer.image_tokens_from_sequences(sequences)
-
-
 def generation_table(models: Path, reference_images, num_samples: int, speed_batches: int, batch_size: int = 50) -> str:
     path = bundled_model_path()
     vq_model = MergeVQModel.from_pretrained(os.path.join(path, "vq_model")).eval()
     mergear = MergeARForCausalLM.from_pretrained(os.path.join(path, "transformer")).eval()
     if not (models / "raster-ar" / "config.json").is_file():
-        raise SystemExit(f"{models / 'raster-ar'} holds no trained model: run `scripts/train_reproduction.sh raster-ar` first")
+        raise SystemExit(f"{models / 'raster-ar'} holds no trained model: run `python -m reproduction train raster-ar` first")
     raster = MergeARForCausalLM.from_pretrained(models / "raster-ar").eval()
     config = mergear.config
     # (name, model, cache factory): the bundled MergeAR with and without eviction, and a raster AR trained densely.
@@ -165,17 +159,17 @@ def generation_table(models: Path, reference_images, num_samples: int, speed_bat
     entry_bytes = 2 * config.num_hidden_layers * config.hidden_size * 4  # K and V of every layer, float32
     labels = torch.arange(num_samples) % config.num_classes
     with torch.no_grad():  # what the merge instruction asks for: the test images' own codes at K
-        real_codes = vq_model.encode(reference_images, num_tokens=config.default_num_tokens).indices
+        real_codes = vq_model.encode(reference_images, num_tokens=config.num_tokens).indices
     real_distinct = sum(len(row.unique()) for row in real_codes) / len(real_codes)
     lines = [
         "### 3. MergeAR vs raster AR\n",
-        f"Bundled tokenizer and MergeAR (K = {config.default_num_tokens} merge instruction, L = {config.num_image_tokens} "
+        f"Bundled tokenizer and MergeAR (K = {config.num_tokens} merge instruction, L = {config.num_patches} "
         f"decode steps, temperature 1, no top-k); the raster AR has the same size, recipe and budget (1,200 steps x 64) "
         f"but repeat_window = L, so training hides nothing. {num_samples} samples per row (same seeds in every row) vs "
         f"{len(reference_images)} test images. Speed: {speed_batches} batches of {batch_size}, the three rows taking turns. "
         "K/V: mean entries a sequence holds at the end (with CFG each image has two sequences); "
         "distinct codes: mean number of different codes among an image's L generated tokens "
-        f"(a K-token image has at most K; the test images tokenised at K = {config.default_num_tokens} have {real_distinct:.1f}).\n",
+        f"(a K-token image has at most K; the test images tokenised at K = {config.num_tokens} have {real_distinct:.1f}).\n",
         "| CFG | generator, cache | FD-LeNet ↓ | class accuracy ↑ | FD-MobileNetV2 ↓ | distinct codes per image | decode tokens/s | K/V entries per sequence | K/V KiB per image |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -198,7 +192,7 @@ def generation_table(models: Path, reference_images, num_samples: int, speed_bat
                     elapsed[name] += time.perf_counter() - start
                     entries[name] += kv_entries(cache) / speed_batches
                     distinct[name] += sum(len(row.unique()) for row in codes) / len(codes) / speed_batches
-        tokens = speed_batches * batch_size * config.num_image_tokens
+        tokens = speed_batches * batch_size * config.num_patches
         rows_per_image = 2 if cfg != 1.0 else 1
         for name in quality:
             row = quality[name]
@@ -224,31 +218,37 @@ def write_section(results_file: Path, part: str, body: str) -> None:
     os.replace(tmp, results_file)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", type=Path, default=Path("outputs/reproduction"), help="folder of scripts/train_reproduction.sh outputs")
-    parser.add_argument("--parts", default="tokenizers,generation", help="comma-separated: tokenizers, generation")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", type=Path, default=Path("outputs/reproduction"), help="folder of `python -m reproduction train` outputs")
+    parser.add_argument("--parts", default="tokenizers,generation", help="comma-separated: tokenizers, generation, alignment, ablations")
+    parser.add_argument("--ablations", type=Path, default=Path("outputs/ablation"), help="folder of the generator ablations (part ablations)")
+    parser.add_argument("--reference", choices=("heldout", "test"), default="test",
+                        help="ablations: compare samples with held-out training images (for choosing) or test images (for reporting)")
     parser.add_argument("--num-test", type=int, default=2000, help="Fashion-MNIST test images scored (fixed subset)")
     parser.add_argument("--num-probe-train", type=int, default=10000, help="train images for the linear probe and k-NN")
     parser.add_argument("--num-generated", type=int, default=1000, help="samples per generation row")
     parser.add_argument("--speed-batches", type=int, default=4)
     parser.add_argument("--write", type=Path, help="markdown file whose marked reproduction blocks are replaced")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> None:
+    """Score the trained models and print (and with ``--write``, write) each part's tables."""
     torch.set_num_threads(1)
     parts = set(args.parts.split(","))
-    if not parts <= {"tokenizers", "generation"}:
-        raise SystemExit(f"--parts takes tokenizers and/or generation, got {args.parts!r}")
+    if not parts <= {"tokenizers", "generation", "alignment", "ablations"}:
+        raise SystemExit(f"--parts takes tokenizers, generation, alignment and/or ablations, got {args.parts!r}")
     if args.num_generated > args.num_test:
         raise SystemExit(f"--num-generated ({args.num_generated}) cannot exceed --num-test ({args.num_test}): the reference set is that many test images")
 
     test_images, test_labels = dataset_to_tensors(load_fashion_mnist("test"), 32, num_samples=args.num_test, seed=0)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.machine())
     header = (
-        f"Produced by `python benchmarks/reproduce_paper.py --parts {{part}}` on {cpu} (1 torch thread), torch "
+        f"Produced by `python -m reproduction score --parts {{part}}` on {cpu} (1 torch thread), torch "
         f"{torch.__version__}. FD values are on classifier features, not Inception: compare rows, not ImageNet FIDs.\n\n"
     )
-    if "tokenizers" in parts:
+    if parts & {"tokenizers", "alignment"}:
         train_images, train_labels = dataset_to_tensors(load_fashion_mnist("train"), 32, num_samples=args.num_probe_train, seed=0)
+    if "tokenizers" in parts:
         body = header.format(part="tokenizers") + (
             f"Reconstruction on {args.num_test} Fashion-MNIST test images (fixed subset, seed 0); linear probe and 20-NN "
             f"fitted on {args.num_probe_train} train images (MergeVQ: the global token; grid VQ: mean latent).\n\n"
@@ -261,7 +261,17 @@ def main():
         print(body, flush=True)
         if args.write:
             write_section(args.write, "generation", body)
-
-
-if __name__ == "__main__":
-    main()
+    if "alignment" in parts:
+        body = header.format(part="alignment") + alignment_table(args.models, test_images, (train_images, train_labels, test_images, test_labels))
+        print(body, flush=True)
+        if args.write:
+            write_section(args.write, "alignment", body)
+    if "ablations" in parts:
+        if args.reference == "heldout":  # training images from index 50,000: no generator trained on them (they use the first 30,000)
+            reference = dataset_to_tensors(load_fashion_mnist("train").select(range(50000, 60000)), 32, num_samples=args.num_generated, seed=0)[0]
+        else:
+            reference = test_images[: args.num_generated]
+        body = header.format(part="ablations") + ablation_table(args.ablations, reference, args.reference, args.num_generated)
+        print(body, flush=True)
+        if args.write:
+            write_section(args.write, f"ablations-{args.reference}", body)

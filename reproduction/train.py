@@ -1,0 +1,140 @@
+"""Training recipes of the reproduction table and of the generator ablations: ``python -m reproduction train NAME...``.
+
+Reproduction models (:mod:`reproduction.score` compares them) get the budget and recipe of their bundled counterpart
+(``scripts/train_bundled_tokenizer.sh`` and ``scripts/train_bundled_mergear.sh``): tokenizers 1,200 steps x 32 images,
+lr 4e-4, GAN from step 400; the raster AR 1,200 steps x 64 images, lr 1e-3, on the bundled tokenizer. They go to
+``outputs/reproduction/NAME``, or ``NAME-seedN`` for a seed other than 0.
+
+Generator ablations change one thing at a time in the bundled MergeAR's recipe, over ``--steps`` (default 1,200)
+with a checkpoint every quarter; they go to ``outputs/ablation/NAME-stepsS-seedN``.
+
+Each run calls the training module's ``main(argv)`` in this process, one model after the other; ``--resume`` passes
+``--resume_from_checkpoint last`` so that an interrupted list continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+BUNDLED_TOKENIZER = "src/mergevq_hf/pretrained/mergevq-fashion-mnist-tiny/vq_model"
+TOKENIZER_TRAINER = "mergevq_hf.training.train_tokenizer"
+GRID_VQ_TRAINER = "reproduction.grid_vq"
+MERGEAR_TRAINER = "mergevq_hf.training.train_mergear"
+DEFAULT_ABLATION_STEPS = 1200
+
+# The bundled MergeAR's size; the ablations and the raster AR change other fields on top of it.
+MERGEAR_SIZE = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 352, "num_factorized_layers": 1}
+# The bundled tokenizer's budget, shared by every tokenizer of the table.
+TOKENIZER_BUDGET = (
+    "--dataset", "fashion_mnist", "--max_steps", "1200", "--per_device_train_batch_size", "32", "--learning_rate", "4e-4",
+    "--discriminator_start", "400", "--logging_steps", "50", "--save_steps", "200", "--save_total_limit", "2",
+)
+# The bundled MergeAR's data: 30,000 training images tokenised at K = 9, 16, 25 with probabilities 0.2, 0.6, 0.2.
+GENERATOR_DATA = (
+    "--dataset", "fashion_mnist", "--max_train_samples", "30000", "--num_tokens_candidates", "9", "16", "25",
+    "--num_tokens_probs", "0.2", "0.6", "0.2",
+)
+GENERATOR_BUDGET = GENERATOR_DATA + (
+    "--max_steps", "1200", "--per_device_train_batch_size", "64", "--learning_rate", "1e-3", "--logging_steps", "50",
+    "--save_steps", "250", "--save_total_limit", "2",
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    summary: str
+    trainer: str  # module whose main(argv) trains the model
+    arguments: tuple[str, ...]  # what defines the model; the budget, output folder, seed and resume are added per run
+    ablation: bool = False  # an ablation: outputs/ablation, --steps applies; otherwise a model of the reproduction table
+
+
+def _tokenizer_at(k: int) -> Recipe:
+    overrides = json.dumps({"num_tokens": k, "num_tokens_candidates": [k], "num_tokens_probs": [1.0]})
+    merging = "merging off, K = L" if k == 64 else f"K = {k} of L = 64"
+    return Recipe(f"MergeVQ tiny trained at one fixed K ({merging})", TOKENIZER_TRAINER, ("--preset", "tiny", "--config_overrides", overrides))
+
+
+def _ablation(summary: str, mode: str = "raster", **fields) -> Recipe:
+    arguments = ("--tokenizer", BUNDLED_TOKENIZER, "--generation_mode", mode, "--preset", "tiny", "--config_overrides", json.dumps({**MERGEAR_SIZE, **fields}))
+    return Recipe(summary, MERGEAR_TRAINER, arguments, ablation=True)
+
+
+RECIPES: dict[str, Recipe] = {
+    **{f"mergevq-k{k}": _tokenizer_at(k) for k in (64, 36, 16, 9)},
+    **{
+        f"grid-vq-{side}": Recipe(f"diffusers VQModel, {side}x{side} token grid ({side * side} tokens)", GRID_VQ_TRAINER, ("--grid_size", str(side)))
+        for side in (4, 8)
+    },
+    # Issue 17: the bundled tokenizer's recipe with each global-alignment recipe (seed 0 of "cached" is the bundled one).
+    "tokenizer-cached": Recipe("the bundled tokenizer's recipe (alignment to cached teacher features)", TOKENIZER_TRAINER, ("--preset", "tiny", "--alignment", "cached")),
+    "tokenizer-paper": Recipe("the bundled tokenizer's recipe with the paper's two-pass alignment", TOKENIZER_TRAINER, ("--preset", "tiny", "--alignment", "paper")),
+    "raster-ar": Recipe(
+        "the bundled MergeAR's recipe with repeat_window = L = 64: no repeated token is hidden, a plain raster AR",
+        MERGEAR_TRAINER,
+        ("--tokenizer", BUNDLED_TOKENIZER, "--preset", "tiny", "--config_overrides", json.dumps({**MERGEAR_SIZE, "repeat_window": 64})),
+    ),
+    "mergear": _ablation("the bundled recipe: repeat window W = 1, label smoothing 0.1, token dropout 0.1"),
+    "raster": _ablation("W = L = 64: no repeat is hidden, a plain raster AR", repeat_window=64),
+    "mergear-ls0": _ablation("label smoothing 0", label_smoothing=0.0),
+    "raster-ls0": _ablation("W = L, label smoothing 0", repeat_window=64, label_smoothing=0.0),
+    "mergear-w8-ls0": _ablation("W = 8 (one grid row), label smoothing 0", repeat_window=8, label_smoothing=0.0),
+    "mergear-td0-ls0": _ablation("token dropout 0, label smoothing 0", token_dropout=0.0, label_smoothing=0.0),
+    "randar-ls0": _ablation("random order (MergeRandAR), label smoothing 0", mode="random", label_smoothing=0.0),
+}
+
+
+def describe_recipes() -> str:
+    """The known names and what each trains, for ``--help`` and error messages."""
+    lines = ["models of the reproduction table (outputs/reproduction/NAME[-seedN]):"]
+    lines += [f"  {name:16} {recipe.summary}" for name, recipe in RECIPES.items() if not recipe.ablation]
+    lines.append("generator ablations (outputs/ablation/NAME-stepsS-seedN):")
+    lines += [f"  {name:16} {recipe.summary}" for name, recipe in RECIPES.items() if recipe.ablation]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    name: str
+    trainer: str
+    arguments: list[str]
+
+
+def training_job(name: str, seed: int = 0, steps: int | None = None, resume: bool = False) -> TrainingJob:
+    """The trainer and full argument list that train ``name``; ValueError for an unknown name or a bad option."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown model {name!r}; the known ones are:\n{describe_recipes()}")
+    if seed < 0:
+        raise ValueError(f"--seed must be non-negative, got {seed}")
+    recipe = RECIPES[name]
+    if recipe.ablation:
+        steps = DEFAULT_ABLATION_STEPS if steps is None else steps
+        if steps < 4:
+            raise ValueError(f"--steps must be at least 4 (a checkpoint is saved every steps / 4), got {steps}")
+        output_dir = f"outputs/ablation/{name}-steps{steps}-seed{seed}"
+        budget = GENERATOR_DATA + (
+            "--max_steps", str(steps), "--per_device_train_batch_size", "64", "--learning_rate", "1e-3", "--logging_steps", "50",
+            "--save_steps", str(steps // 4), "--save_total_limit", "4",
+        )
+    else:
+        if steps is not None:
+            raise ValueError(f"--steps applies to the generator ablations only: {name} is trained at the table's fixed budget")
+        output_dir = f"outputs/reproduction/{name}" + (f"-seed{seed}" if seed else "")
+        budget = GENERATOR_BUDGET if recipe.trainer == MERGEAR_TRAINER else TOKENIZER_BUDGET
+    arguments = ["--output_dir", output_dir, *recipe.arguments, *budget, "--seed", str(seed), "--use_cpu", "--disable_tqdm", "true"]
+    if resume:
+        arguments += ["--resume_from_checkpoint", "last"]
+    return TrainingJob(name, recipe.trainer, arguments)
+
+
+def run(jobs: list[TrainingJob]) -> None:
+    """Train the jobs one after the other, each through its training module's ``main(argv)``."""
+    if any(BUNDLED_TOKENIZER in job.arguments for job in jobs) and not Path(BUNDLED_TOKENIZER).is_dir():
+        raise SystemExit(f"{BUNDLED_TOKENIZER} not found: run `python -m reproduction train` from the repository root")
+    for job in jobs:
+        print(f"training {job.name}: python -m {job.trainer} {shlex.join(job.arguments)}", file=sys.stderr, flush=True)
+        importlib.import_module(job.trainer).main(job.arguments)

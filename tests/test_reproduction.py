@@ -1,0 +1,204 @@
+"""The reproduction harness (reproduction/): the entry point and its recipes, the grid-VQ baseline adapter and its
+training entry, FLOP counting, the results writer."""
+
+import importlib
+import json
+
+import pytest
+import torch
+from diffusers import VQModel
+
+from mergevq_hf import MergeVQConfig, MergeVQModel
+from mergevq_hf.configuration_randar import MergeRandARConfig
+from mergevq_hf.training.trainer_mergear import mergear_config_for_tokenizer
+from reproduction import train
+from reproduction.__main__ import main as reproduction_main
+from reproduction.grid_vq import GridVQTokenizer, build_vq_model, main as train_grid_vq
+from reproduction.score import MARKERS, encoder_mflops, reconstruction_parameters, write_section
+
+
+@pytest.fixture(scope="module")
+def grid_vq():
+    torch.manual_seed(0)
+    return GridVQTokenizer(build_vq_model(4)).eval()
+
+
+def test_grid_vq_codes_round_trip_through_the_forward(grid_vq):
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    out = grid_vq(images)
+    encoded = grid_vq.encode(images)
+    assert encoded.indices.shape == (3, 16) and encoded.indices.max() < 2**10
+    assert torch.equal(encoded.indices, out.indices)
+    assert torch.equal(encoded.source_map[0], torch.arange(16))
+    # decoding the codes alone gives the forward's reconstruction, and its loss is L1 + commitment
+    torch.testing.assert_close(grid_vq.decode(encoded.indices), out.reconstruction, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, (out.reconstruction - images).abs().mean() + out.commitment_loss)
+    assert grid_vq.get_image_features(images).pooler_output.shape == (3, 8)
+
+
+def test_grid_vq_rejects_a_token_count_it_cannot_give(grid_vq):
+    with pytest.raises(ValueError, match="always gives 16 tokens"):
+        grid_vq.encode(torch.zeros(1, 3, 32, 32), num_tokens=9)
+    with pytest.raises(ValueError, match=r"indices must be \[B, 16\]"):
+        grid_vq.decode(torch.zeros(1, 64, dtype=torch.long))
+    with pytest.raises(ValueError, match="grid_size must be one of"):
+        build_vq_model(2)
+
+
+def test_grid_vq_trains_with_the_mergevq_trainer_and_exports_a_diffusers_folder(tmp_path):
+    out = tmp_path / "grid"
+    train_grid_vq([
+        "--output_dir", str(out), "--grid_size", "8", "--dataset", "procedural:64", "--max_steps", "2",
+        "--per_device_train_batch_size", "4", "--perceptual_loss", "none", "--discriminator_start", "1",
+        "--save_steps", "2", "--use_cpu", "--report_to", "none", "--disable_tqdm", "true",
+    ])
+    loaded = GridVQTokenizer(VQModel.from_pretrained(out)).eval()
+    assert loaded.config.num_tokens == 64
+    assert (out / "checkpoint-2" / "ema.safetensors").is_file()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert loaded.decode(loaded.encode(images).indices).shape == (2, 3, 32, 32)
+
+
+def test_merging_lowers_encoder_flops_and_recon_parameters_skip_the_alignment_head():
+    torch.manual_seed(0)
+    model = MergeVQModel(MergeVQConfig.from_preset("tiny")).eval()
+    flops = [encoder_mflops(model, k) for k in (64, 16, 4)]
+    assert flops[0] > flops[1] > flops[2] > 0
+    total = sum(p.numel() for p in model.parameters())
+    aux = sum(p.numel() for p in model.encoder.alignment_head.parameters()) + sum(p.numel() for p in model.source_recovery.parameters())
+    assert reconstruction_parameters(model) == total - aux
+
+
+def test_write_section_replaces_only_its_own_marked_block(tmp_path):
+    begin, end = (marker.format(part="tokenizers") for marker in MARKERS)
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n\nkept text\n")
+    write_section(results, "tokenizers", "first table")
+    write_section(results, "generation", "generation table")
+    text = results.read_text()
+    assert text.startswith("# Results\n\nkept text\n") and f"{begin}\nfirst table\n{end}" in text
+    results.write_text(text + "\nnotes after\n")
+    write_section(results, "tokenizers", "second table")
+    text = results.read_text()
+    assert "first table" not in text and f"{begin}\nsecond table\n{end}" in text and "generation table" in text
+    assert text.count(begin) == 1 and "kept text" in text and text.endswith("notes after\n")
+
+
+# ---- the entry point and its recipes ------------------------------------------------------------------------------
+
+BUNDLED_TOKENIZER = "src/mergevq_hf/pretrained/mergevq-fashion-mnist-tiny/vq_model"
+MERGEAR_SIZE = '"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 352, "num_factorized_layers": 1'
+
+
+def test_recipes_give_the_arguments_of_the_former_shell_scripts():
+    # Written out from scripts/train_reproduction.sh (SEED=1 RESUME=1 ... mergevq-k16; raster-ar) and
+    # scripts/train_generator_ablation.sh (STEPS=400 ... randar-ls0), which these recipes replace.
+    job = train.training_job("mergevq-k16", seed=1, resume=True)
+    assert job.trainer == "mergevq_hf.training.train_tokenizer"
+    assert job.arguments == [
+        "--output_dir", "outputs/reproduction/mergevq-k16-seed1", "--preset", "tiny",
+        "--config_overrides", '{"num_tokens": 16, "num_tokens_candidates": [16], "num_tokens_probs": [1.0]}',
+        "--dataset", "fashion_mnist", "--max_steps", "1200", "--per_device_train_batch_size", "32", "--learning_rate", "4e-4",
+        "--discriminator_start", "400", "--logging_steps", "50", "--save_steps", "200", "--save_total_limit", "2",
+        "--seed", "1", "--use_cpu", "--disable_tqdm", "true", "--resume_from_checkpoint", "last",
+    ]
+    job = train.training_job("raster-ar")
+    assert job.trainer == "mergevq_hf.training.train_mergear"
+    assert job.arguments == [
+        "--output_dir", "outputs/reproduction/raster-ar", "--tokenizer", BUNDLED_TOKENIZER, "--preset", "tiny",
+        "--config_overrides", "{" + MERGEAR_SIZE + ', "repeat_window": 64}',
+        "--dataset", "fashion_mnist", "--max_train_samples", "30000", "--num_tokens_candidates", "9", "16", "25",
+        "--num_tokens_probs", "0.2", "0.6", "0.2", "--max_steps", "1200", "--per_device_train_batch_size", "64",
+        "--learning_rate", "1e-3", "--logging_steps", "50", "--save_steps", "250", "--save_total_limit", "2",
+        "--seed", "0", "--use_cpu", "--disable_tqdm", "true",
+    ]
+    job = train.training_job("randar-ls0", steps=400)
+    assert job.trainer == "mergevq_hf.training.train_mergear"
+    assert job.arguments == [
+        "--output_dir", "outputs/ablation/randar-ls0-steps400-seed0", "--tokenizer", BUNDLED_TOKENIZER,
+        "--generation_mode", "random", "--preset", "tiny", "--config_overrides", "{" + MERGEAR_SIZE + ', "label_smoothing": 0.0}',
+        "--dataset", "fashion_mnist", "--max_train_samples", "30000", "--num_tokens_candidates", "9", "16", "25",
+        "--num_tokens_probs", "0.2", "0.6", "0.2", "--max_steps", "400", "--per_device_train_batch_size", "64",
+        "--learning_rate", "1e-3", "--logging_steps", "50", "--save_steps", "100", "--save_total_limit", "4",
+        "--seed", "0", "--use_cpu", "--disable_tqdm", "true",
+    ]
+    assert train.training_job("grid-vq-8", seed=2).arguments[:4] == ["--output_dir", "outputs/reproduction/grid-vq-8-seed2", "--grid_size", "8"]
+    assert train.training_job("grid-vq-8").trainer == "reproduction.grid_vq"
+    for recipe in train.RECIPES.values():  # every override is a JSON object the trainers accept
+        if "--config_overrides" in recipe.arguments:
+            assert isinstance(json.loads(recipe.arguments[recipe.arguments.index("--config_overrides") + 1]), dict)
+
+
+def test_every_recipe_parses_with_its_trainer_and_builds_a_valid_config(repo_root):
+    """A flag or config field renamed in a trainer fails here, not an hour into `make reproduce`."""
+    tokenizer_config = MergeVQConfig.from_pretrained(repo_root / BUNDLED_TOKENIZER)
+    for name in train.RECIPES:
+        job = train.training_job(name)
+        parsed = importlib.import_module(job.trainer).parse_args(job.arguments)
+        model_args, training_args = parsed[0], parsed[-1]
+        assert training_args.output_dir == job.arguments[1] and training_args.use_cpu, name
+        if job.trainer == "reproduction.grid_vq":
+            build_vq_model(model_args.grid_size)
+            continue
+        overrides = json.loads(model_args.config_overrides or "{}")
+        if name.startswith("tokenizer-"):  # the bundled tokenizer's recipe, one alignment recipe or the other
+            assert not overrides and training_args.alignment == name.removeprefix("tokenizer-"), name
+        elif job.trainer == "mergevq_hf.training.train_tokenizer":
+            assert MergeVQConfig.from_preset(model_args.preset, **overrides).num_tokens == int(name.removeprefix("mergevq-k"))
+        else:
+            config_class = MergeRandARConfig if model_args.generation_mode == "random" else None
+            config = mergear_config_for_tokenizer(model_args.preset, tokenizer_config, 10, config_class=config_class, **overrides)
+            assert all(getattr(config, field) == value for field, value in overrides.items()), name
+
+
+def test_help_lists_the_subcommands_and_every_recipe(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        reproduction_main(["--help"])
+    assert exit_info.value.code == 0 and "train" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        reproduction_main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "--resume" in out and all(name in out for name in train.RECIPES)
+    with pytest.raises(SystemExit) as exit_info:
+        reproduction_main(["score", "--help"])
+    assert exit_info.value.code == 0 and "--write" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["raster-ar", "mergevq-k5"], "unknown model 'mergevq-k5'; the known ones are:"),
+        (["raster-ar", "--steps", "400"], "--steps applies to the generator ablations only: raster-ar"),
+        (["raster", "--steps", "2"], "--steps must be at least 4"),
+        (["raster", "--seed", "-1"], "--seed must be non-negative"),
+    ],
+)
+def test_train_refuses_bad_input_before_training_anything(monkeypatch, capsys, argv, message):
+    started = []
+    monkeypatch.setattr(train, "run", started.append)
+    with pytest.raises(SystemExit) as exit_info:
+        reproduction_main(["train", *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and not started
+    if "unknown model" in message:
+        assert all(name in err for name in train.RECIPES)
+
+
+def test_train_calls_each_training_module_in_order(monkeypatch, repo_root):
+    monkeypatch.chdir(repo_root)  # the recipes name the bundled tokenizer relative to the repository root
+    calls = []
+    monkeypatch.setattr("mergevq_hf.training.train_mergear.main", lambda argv: calls.append(("mergear", argv)))
+    monkeypatch.setattr("reproduction.grid_vq.main", lambda argv: calls.append(("grid", argv)))
+    reproduction_main(["train", "raster", "mergear-ls0", "--steps", "8", "--seed", "2", "--resume"])
+    reproduction_main(["train", "grid-vq-4"])
+    assert [trainer for trainer, _ in calls] == ["mergear", "mergear", "grid"]
+    assert calls[1][1] == train.training_job("mergear-ls0", seed=2, steps=8, resume=True).arguments
+    assert calls[2][1] == train.training_job("grid-vq-4").arguments
+    raster_args = calls[0][1]
+    assert raster_args[raster_args.index("--output_dir") + 1] == "outputs/ablation/raster-steps8-seed2"
+    assert raster_args[raster_args.index("--save_steps") + 1] == "2" and raster_args[-2:] == ["--resume_from_checkpoint", "last"]
+
+
+def test_score_checks_its_options_before_loading_data():
+    with pytest.raises(SystemExit, match="--parts takes tokenizers, generation, alignment and/or ablations"):
+        reproduction_main(["score", "--parts", "tokenizers,images"])
