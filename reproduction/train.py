@@ -84,6 +84,7 @@ RECIPES: dict[str, Recipe] = {
     "raster-ls0": _ablation("W = L, label smoothing 0", repeat_window=64, label_smoothing=0.0),
     "mergear-w8-ls0": _ablation("W = 8 (one grid row), label smoothing 0", repeat_window=8, label_smoothing=0.0),
     "mergear-td0-ls0": _ablation("token dropout 0, label smoothing 0", token_dropout=0.0, label_smoothing=0.0),
+    "randar": _ablation("random order (MergeRandAR) with the bundled recipe", mode="random"),
     "randar-ls0": _ablation("random order (MergeRandAR), label smoothing 0", mode="random", label_smoothing=0.0),
 }
 

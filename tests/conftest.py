@@ -153,3 +153,19 @@ def null_swapped():
         return sequence.masked_fill(is_class, config.codebook_size + config.num_classes)
 
     return swap
+
+
+@pytest.fixture(scope="module")
+def vq_model():
+    """A random tiny MergeVQ tokenizer: 32x32 images, L = 64, 10-bit codes."""
+    from mergevq_hf import MergeVQConfig, MergeVQModel
+
+    torch.manual_seed(0)
+    return MergeVQModel(MergeVQConfig.from_preset("tiny")).eval()
+
+
+@pytest.fixture(scope="module")
+def encoded(vq_model):
+    """Six random images encoded by ``vq_model`` at K = 16."""
+    with torch.no_grad():
+        return vq_model.encode(torch.rand(6, 3, 32, 32) * 2 - 1, num_tokens=16)

@@ -38,18 +38,6 @@ def model():
     return tiny_randar()
 
 
-@pytest.fixture(scope="module")
-def vq_model():
-    torch.manual_seed(0)
-    return MergeVQModel(MergeVQConfig.from_preset("tiny")).eval()  # 32x32 images, L = 64, 10-bit codes
-
-
-@pytest.fixture(scope="module")
-def encoded(vq_model):
-    with torch.no_grad():
-        return vq_model.encode(torch.rand(6, 3, 32, 32) * 2 - 1, num_tokens=K)
-
-
 def codes_at_slots(model, class_labels, codes, order):
     """No-cache recomputation: code logits at every P slot and position logits at every position slot."""
     input_ids, grid = model.build_sequence(class_labels, codes, order)

@@ -18,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import shutil
 
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+from transformers import set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determinism, get_last_checkpoint, rotate_checkpoints
 
 __all__ = [
     "STAGING_DIRNAME",
@@ -30,6 +32,7 @@ __all__ = [
     "finished_run_message",
     "last_complete_checkpoint",
     "resolve_resume_checkpoint",
+    "start_run",
 ]
 
 STAGING_DIRNAME = "_staging"
@@ -80,6 +83,22 @@ def finished_run_message(checkpoint: str, args) -> str | None:
         f"{checkpoint} already reached step {step} of {last_step}: the run is finished, nothing to do (nothing "
         f"trained, nothing in {args.output_dir} overwritten). Raise --max_steps (or --num_train_epochs) to train further."
     )
+
+
+def start_run(args, logger: logging.Logger) -> tuple[str | None, bool]:
+    """What every training entry point does first: logging, the checkpoint to resume from, the seed.
+
+    Returns ``(checkpoint or None, finished)``; ``finished`` means that run already reached its end (logged as a
+    warning), and the caller should stop rather than train past it and overwrite its export.
+    """
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if args.should_log else logging.WARNING)
+    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    finished = finished_run_message(resume, args) if resume else None
+    if finished:
+        logger.warning(finished)
+        return resume, True
+    enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
+    return resume, False
 
 
 @contextlib.contextmanager

@@ -25,15 +25,14 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser, set_seed
-from transformers.trainer_utils import enable_full_determinism
+from transformers import HfArgumentParser
 
 from ..configuration_randar import MergeRandARConfig
 from ..modeling_mergear import MergeARForCausalLM
 from ..modeling_mergevq import MergeVQModel
 from ..modeling_randar import MergeRandARForCausalLM
 from . import load_image_dataset, plot_loss_curves
-from .atomic_checkpoints import clear_write_errors, finished_run_message, resolve_resume_checkpoint
+from .atomic_checkpoints import clear_write_errors, start_run
 from .trainer_mergear import (
     MergeARTokenDataset,
     MergeARTrainer,
@@ -100,13 +99,9 @@ def token_distribution(data_args: DataArguments, tokenizer_config) -> tuple[list
 def main(argv: list[str] | None = None) -> MergeARTrainer | None:
     """Train, export and evaluate; returns the trainer, or ``None`` when resuming a run that is already finished."""
     model_args, data_args, args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if args.should_log else logging.WARNING)
-    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    finished = finished_run_message(resume, args) if resume else None
+    resume, finished = start_run(args, logger)
     if finished:
-        logger.warning(finished)
         return None
-    enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
 
     tokenizer = MergeVQModel.from_pretrained(model_args.tokenizer).to(args.device)
     candidates, probs = token_distribution(data_args, tokenizer.config)

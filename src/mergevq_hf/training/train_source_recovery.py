@@ -27,12 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers import HfArgumentParser, TrainingArguments
 
 from ..modeling_mergevq import MergeVQModel
 from ..source_recovery import SourceRecovery
 from . import load_image_dataset
-from .atomic_checkpoints import clear_write_errors, finished_run_message, resolve_resume_checkpoint
+from .atomic_checkpoints import clear_write_errors, start_run
 from .train_mergear import DataArguments, token_distribution
 from .trainer_mergear import MergeARTokenDataset, MergeARTrainer, pretokenize
 
@@ -155,13 +155,9 @@ def main(argv: list[str] | None = None):
     parser = HfArgumentParser((RecoveryArguments, DataArguments, SourceRecoveryTrainingArguments))
     argv = sys.argv[1:] if argv is None else argv
     recovery_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if args.should_log else logging.WARNING)
-    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    finished = finished_run_message(resume, args) if resume else None
+    resume, finished = start_run(args, logger)
     if finished:
-        logger.warning(finished)
         return None
-    set_seed(args.seed)
 
     tokenizer = MergeVQModel.from_pretrained(recovery_args.tokenizer).eval()
     candidates, probs = token_distribution(data_args, tokenizer.config)
@@ -177,7 +173,7 @@ def main(argv: list[str] | None = None):
     held_out = tokens(data_args.eval_split, data_args.eval_samples) if data_args.eval_split and data_args.eval_samples > 0 else None
     model = SourceRecoveryTrainingModel(build_recovery(tokenizer, recovery_args), tokenizer.quantize, recovery_args.with_positions)
     trainer = MergeARTrainer(model=model, args=args, train_dataset=train, data_collator=collate_source_maps)
-    trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=resume)
 
     tokenizer.source_recovery = model.recovery
     with clear_write_errors(args.output_dir, "the tokenizer with its new source recovery"):
@@ -185,6 +181,8 @@ def main(argv: list[str] | None = None):
         processor = os.path.join(recovery_args.tokenizer, "preprocessor_config.json")
         if os.path.isfile(processor):
             shutil.copyfile(processor, os.path.join(args.output_dir, "preprocessor_config.json"))
+        trainer.save_metrics("train", result.metrics)  # after the export: marks the run finished for a resume
+        trainer.save_state()
         if held_out is not None:
             accuracy = source_map_accuracy(model, held_out, candidates)
             metrics = {f"positions_under_true_parent_k{k}": round(value, 4) for k, value in accuracy.items()}

@@ -29,8 +29,7 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
-from transformers import HfArgumentParser, set_seed
-from transformers.trainer_utils import enable_full_determinism
+from transformers import HfArgumentParser
 
 from ..configuration_mergevq import MergeVQConfig
 from ..modeling_mergevq import MergeVQModel
@@ -44,7 +43,7 @@ from . import (
     plot_loss_curves,
     precompute_teacher_features,
 )
-from .atomic_checkpoints import clear_write_errors, finished_run_message, resolve_resume_checkpoint
+from .atomic_checkpoints import clear_write_errors, start_run
 from .trainer_tokenizer import RAW_WEIGHTS_SUBFOLDER, MergeVQTrainer, MergeVQTrainingArguments, reconstruction_metrics
 
 logger = logging.getLogger(__name__)
@@ -112,13 +111,9 @@ def eval_images(data_args: DataArguments, image_size: int, seed: int) -> torch.T
 def main(argv: list[str] | None = None) -> MergeVQTrainer | None:
     """Train, export and evaluate; returns the trainer, or ``None`` when resuming a run that is already finished."""
     model_args, data_args, args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if args.should_log else logging.WARNING)
-    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    finished = finished_run_message(resume, args) if resume else None
+    resume, finished = start_run(args, logger)
     if finished:
-        logger.warning(finished)
         return None
-    enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
 
     teacher = build_teacher(model_args.teacher, image_size=model_args.teacher_image_size)
     if args.alignment == "paper" and teacher is None:
