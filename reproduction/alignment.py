@@ -13,7 +13,6 @@ spread (max - min) over seeds per recipe.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mergevq_hf import MergeVQModel
@@ -38,17 +37,6 @@ def trained_models(models: Path) -> dict[tuple[str, int], Path]:
     return found
 
 
-def seconds_per_step(folder: Path) -> float | None:
-    """Training seconds per step from the run's train_results.json (machine load included)."""
-    results = folder / "train_results.json"
-    if not results.is_file():
-        return None
-    metrics = json.loads(results.read_text())
-    state = json.loads((folder / "trainer_state.json").read_text()) if (folder / "trainer_state.json").is_file() else {}
-    steps = state.get("global_step") or 1200
-    return metrics["train_runtime"] / steps
-
-
 def score_model(folder: Path, test_images, probe_data) -> dict:
     model = MergeVQModel.from_pretrained(folder).eval()
     row = {}
@@ -57,7 +45,6 @@ def score_model(folder: Path, test_images, probe_data) -> dict:
     for k in PROBE_K:
         probe = evaluate_representation(model, *probe_data, num_tokens=k)
         row[f"linear@{k}"], row[f"knn@{k}"] = probe["linear_probe"], probe["knn20"]
-    row["s/step"] = seconds_per_step(folder)
     return row
 
 
@@ -69,13 +56,13 @@ def alignment_table(models: Path, test_images, probe_data) -> str:
     probe_cols = [f"linear@{k}" for k in PROBE_K] + [f"knn@{k}" for k in PROBE_K]
     recon_cols = ["fd@16", "psnr@16", "fd@64", "psnr@64"]
     header = ("| recipe | seed | " + " | ".join(f"lin. K={k}" for k in PROBE_K) + " | " + " | ".join(f"20-NN K={k}" for k in PROBE_K)
-              + " | FD-LeNet K=16 | PSNR K=16 | FD-LeNet K=64 | PSNR K=64 | s/step (as trained) |")
+              + " | FD-LeNet K=16 | PSNR K=16 | FD-LeNet K=64 | PSNR K=64 |")
     lines = [
         "### Global alignment: cached teacher features vs the paper's two-pass recipe\n",
         "Linear probe / 20-NN: the CLS token after merging to K, fitted on train images, scored on test images. "
         "Reconstruction on the test images. `mean` rows average the seeds; `spread` is max - min over seeds.\n",
         header,
-        "|" + "---|" * (2 + len(probe_cols) + len(recon_cols) + 1),
+        "|" + "---|" * (2 + len(probe_cols) + len(recon_cols)),
     ]
 
     def cells(values, fmt_probe="{:.3f}", fmt_fd="{:.1f}", fmt_psnr="{:.2f}"):
@@ -85,16 +72,15 @@ def alignment_table(models: Path, test_images, probe_data) -> str:
         return out
 
     for (recipe, seed), row in rows.items():
-        speed = "–" if row["s/step"] is None else f"{row['s/step']:.2f}"
-        lines.append(f"| {recipe} | {seed} | " + " | ".join(cells(row)) + f" | {speed} |")
+        lines.append(f"| {recipe} | {seed} | " + " | ".join(cells(row)) + " |")
     for recipe in RECIPES:
         seeds = [row for (name, _), row in rows.items() if name == recipe]
         if len(seeds) < 2:
             continue
         mean = {c: sum(r[c] for r in seeds) / len(seeds) for c in probe_cols + recon_cols}
         spread = {c: max(r[c] for r in seeds) - min(r[c] for r in seeds) for c in probe_cols + recon_cols}
-        lines.append(f"| {recipe} | mean of {len(seeds)} | " + " | ".join(cells(mean)) + " | |")
-        lines.append(f"| {recipe} | spread | " + " | ".join(cells(spread)) + " | |")
+        lines.append(f"| {recipe} | mean of {len(seeds)} | " + " | ".join(cells(mean)) + " |")
+        lines.append(f"| {recipe} | spread | " + " | ".join(cells(spread)) + " |")
     return "\n".join(lines)
 
 

@@ -202,3 +202,17 @@ def test_train_calls_each_training_module_in_order(monkeypatch, repo_root):
 def test_score_checks_its_options_before_loading_data():
     with pytest.raises(SystemExit, match="--parts takes tokenizers, generation, alignment and/or ablations"):
         reproduction_main(["score", "--parts", "tokenizers,images"])
+
+
+def test_alignment_part_finds_every_trained_seed_and_needs_the_paper_recipe(tmp_path):
+    from reproduction.alignment import trained_models
+
+    with pytest.raises(SystemExit, match="tokenizer-paper"):
+        trained_models(tmp_path)
+    for name in ("tokenizer-paper", "tokenizer-paper-seed1", "tokenizer-cached-seed1", "tokenizer-paper-seed2-unfinished"):
+        (tmp_path / name).mkdir()
+    for name in ("tokenizer-paper", "tokenizer-paper-seed1", "tokenizer-cached-seed1"):
+        (tmp_path / name / "config.json").write_text("{}")
+    found = trained_models(tmp_path)
+    assert set(found) == {("tokenizer-paper", 0), ("tokenizer-paper", 1), ("tokenizer-cached", 0), ("tokenizer-cached", 1)}
+    assert found["tokenizer-cached", 0].name == "vq_model"  # the bundled tokenizer stands in for cached seed 0
