@@ -119,11 +119,12 @@ import importlib.util, sys
 import torch
 import torch.distributed as dist
 
-path, rank, port, inputs, output = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+path, rank, store, inputs, output = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 spec = importlib.util.spec_from_file_location("quantization_lfq", path)
 lfq = sys.modules["quantization_lfq"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(lfq)
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+# A file store: no TCP server thread in rank 0 that could go away while rank 1 still tears down.
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
 z = torch.load(inputs)[rank].requires_grad_()
 sample, batch = lfq.entropy_terms(z, 0.1, across_processes=True)
 batch.backward()
@@ -132,6 +133,7 @@ result = {"sample": sample.detach(), "batch": batch.detach(), "grad": z.grad,
           "train": quantizer.train()(z.detach()).batch_entropy,
           "eval": quantizer.eval()(z.detach()).batch_entropy}  # evaluation stays local: no collective
 torch.save(result, output)
+dist.barrier()  # both ranks done with every collective before either tears the group down
 dist.destroy_process_group()
 """
 
@@ -139,7 +141,6 @@ dist.destroy_process_group()
 def test_batch_entropy_is_all_reduced_across_processes(tmp_path):
     """Two gloo processes with 5 and 8 tokens get the batch entropy of all 13, and gradients that data-parallel
     averaging (divide by 2) turns into those of one process on the concatenated batch."""
-    import socket
     import subprocess
     import sys
 
@@ -152,11 +153,8 @@ def test_batch_entropy_is_all_reduced_across_processes(tmp_path):
     z_full = torch.randn(13, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.05
     split = [slice(0, 5), slice(5, 13)]
     torch.save([z_full[rows] for rows in split], tmp_path / "z.pt")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     ranks = [
-        subprocess.Popen([sys.executable, "-c", _TWO_PROCESS_WORKER, quantization_lfq.__file__, str(rank), str(port),
+        subprocess.Popen([sys.executable, "-c", _TWO_PROCESS_WORKER, quantization_lfq.__file__, str(rank), str(tmp_path / "store"),
                           str(tmp_path / "z.pt"), str(tmp_path / f"rank{rank}.pt")], stderr=subprocess.PIPE, text=True)
         for rank in (0, 1)
     ]
