@@ -6,7 +6,9 @@ wheel; this file keeps the ``python examples/train_mergear.py ...``, ``torchrun`
 working. Options: ``python examples/train_mergear.py --help``.
 """
 
+from mergevq_hf.training.atomic_checkpoints import end_run
 from mergevq_hf.training.train_mergear import main
 
 if __name__ == "__main__":
     main()
+    end_run()

@@ -6,7 +6,9 @@ wheel; this file keeps the ``python examples/train_tokenizer.py ...`` and ``torc
 commands working. Options: ``python examples/train_tokenizer.py --help``.
 """
 
+from mergevq_hf.training.atomic_checkpoints import end_run
 from mergevq_hf.training.train_tokenizer import main
 
 if __name__ == "__main__":
     main()
+    end_run()

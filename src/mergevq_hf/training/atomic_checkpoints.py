@@ -32,6 +32,7 @@ __all__ = [
     "finished_run_message",
     "last_complete_checkpoint",
     "resolve_resume_checkpoint",
+    "end_run",
     "start_run",
 ]
 
@@ -99,6 +100,16 @@ def start_run(args, logger: logging.Logger) -> tuple[str | None, bool]:
         return resume, True
     enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
     return resume, False
+
+
+def end_run() -> None:
+    """Leave the process group together when the run was distributed (a no-op otherwise). A gloo rank that exits with
+    the group alive while another still tears down can abort ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from ..modeling_mergear import MergeARForCausalLM
 from ..modeling_mergevq import MergeVQModel
 from ..modeling_randar import MergeRandARForCausalLM
 from . import load_image_dataset, plot_loss_curves
-from .atomic_checkpoints import clear_write_errors, start_run
+from .atomic_checkpoints import clear_write_errors, end_run, start_run
 from .trainer_mergear import (
     MergeARTokenDataset,
     MergeARTrainer,
@@ -164,3 +164,4 @@ def main(argv: list[str] | None = None) -> MergeARTrainer | None:
 
 if __name__ == "__main__":
     main()
+    end_run()

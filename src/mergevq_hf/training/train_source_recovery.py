@@ -32,7 +32,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from ..modeling_mergevq import MergeVQModel
 from ..source_recovery import SourceRecovery
 from . import load_image_dataset
-from .atomic_checkpoints import clear_write_errors, start_run
+from .atomic_checkpoints import clear_write_errors, end_run, start_run
 from .train_mergear import DataArguments, token_distribution
 from .trainer_mergear import MergeARTokenDataset, MergeARTrainer, pretokenize
 
@@ -194,3 +194,4 @@ def main(argv: list[str] | None = None):
 
 if __name__ == "__main__":
     main()
+    end_run()

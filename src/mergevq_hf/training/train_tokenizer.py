@@ -43,7 +43,7 @@ from . import (
     plot_loss_curves,
     precompute_teacher_features,
 )
-from .atomic_checkpoints import clear_write_errors, start_run
+from .atomic_checkpoints import clear_write_errors, end_run, start_run
 from .trainer_tokenizer import RAW_WEIGHTS_SUBFOLDER, MergeVQTrainer, MergeVQTrainingArguments, reconstruction_metrics
 
 logger = logging.getLogger(__name__)
@@ -171,3 +171,4 @@ def main(argv: list[str] | None = None) -> MergeVQTrainer | None:
 
 if __name__ == "__main__":
     main()
+    end_run()
