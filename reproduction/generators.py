@@ -1,17 +1,22 @@
-"""Issue 13: generator ablations scored side by side (``python -m reproduction score --parts ablations``).
+"""Issue 13: generator ablations scored side by side (``python -m reproduction score --parts ablations,curves``).
 
-Every trained model under ``outputs/ablation`` (``python -m reproduction train mergear-ls0 ...``) and the bundled
-MergeAR, all on the bundled tokenizer: samples at K = 16 with guidance off and on (FD-LeNet and LeNet class accuracy
-against a reference set), and how closely each follows its merge instruction without any sampling constraint
-(distinct codes per generated image at K = 9, 16, 25, guidance off). ``--reference heldout`` compares against training
-images the generators never saw (train split from index 50,000; for choosing), ``test`` against the test split (for
-reporting).
+Every finished raster-order run under ``outputs/ablation`` (``python -m reproduction train mergear-ls0 ...``) and the
+bundled MergeAR, all on the bundled tokenizer: samples at K = 16 with guidance off and on (FD-LeNet and LeNet class
+accuracy against a reference set), and how closely each follows its merge instruction without any sampling constraint
+(distinct codes per generated image at K = 9, 16, 25, guidance off). Runs of one recipe with different seeds
+(``NAME-stepsS-seedN``) make one row: the mean, and the lowest and highest seed. ``curves`` scores the checkpoints each
+run kept (every quarter of its steps): is one model only slower to learn? ``--reference heldout`` compares against
+training images the generators never saw (train split from index 50,000; for choosing), ``test`` against the test
+split (for reporting). Scores are kept in ``outputs/ablation/scores.json`` (keyed by run, reference and the weights'
+size and time), so that adding a run scores only that run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -21,6 +26,8 @@ from mergevq_hf.bundled import bundled_model_path
 from mergevq_hf.evaluation import evaluate_generation
 
 INSTRUCTION_K = (9, 16, 25)
+BUNDLED = "bundled MergeAR"
+SEED_SUFFIX = re.compile(r"-seed(\d+)$")
 
 
 def generate_codes(transformer, labels, guidance_scale: float, cache, generator: torch.Generator, num_tokens: int | None = None) -> torch.Tensor:
@@ -34,15 +41,30 @@ def generate_codes(transformer, labels, guidance_scale: float, cache, generator:
     return transformer.image_tokens_from_sequences(sequences)
 
 
-def ablation_models(ablations: Path) -> dict[str, Path]:
-    """Name -> folder of every finished raster-order ablation run, after the bundled MergeAR."""
-    models = {"bundled MergeAR": Path(bundled_model_path()) / "transformer"}
+def _is_raster_model(folder: Path) -> bool:
+    config = folder / "config.json"
+    return config.is_file() and (folder / "model.safetensors").is_file() and json.loads(config.read_text())["model_type"] == "mergear"
+
+
+def ablation_runs(ablations: Path) -> dict[str, list[Path]]:
+    """Row name -> folders of its finished raster-order runs, one per seed: the bundled MergeAR first, then each
+    recipe (``NAME-stepsS``) with all its seeds."""
+    rows = {BUNDLED: [Path(bundled_model_path()) / "transformer"]}
+    grouped = defaultdict(list)
     if ablations.is_dir():
         for folder in sorted(ablations.iterdir()):
-            config = folder / "config.json"
-            if config.is_file() and (folder / "model.safetensors").is_file() and json.loads(config.read_text())["model_type"] == "mergear":
-                models[folder.name] = folder
-    return models
+            if _is_raster_model(folder):
+                grouped[SEED_SUFFIX.sub("", folder.name)].append(folder)
+    return rows | dict(sorted(grouped.items()))
+
+
+def checkpoints(run: Path) -> dict[int, Path]:
+    """Training step -> model folder: the checkpoints a run kept, and the finished model at its last step."""
+    kept = {int(folder.name.split("-")[1]): folder for folder in run.glob("checkpoint-*") if _is_raster_model(folder)}
+    state = run / "trainer_state.json"
+    if state.is_file():
+        kept[json.loads(state.read_text())["global_step"]] = run
+    return dict(sorted(kept.items()))
 
 
 @torch.no_grad()
@@ -57,33 +79,109 @@ def distinct_codes(model, num_tokens: int, num_samples: int, batch_size: int = 5
     return sum(counts) / len(counts)
 
 
+class AblationScorer:
+    """Scores model folders against one reference set, remembering every score in ``store`` (a JSON file)."""
+
+    def __init__(self, reference_images: torch.Tensor, reference_name: str, num_samples: int, store: Path):
+        self.vq_model = MergeVQModel.from_pretrained(os.path.join(bundled_model_path(), "vq_model")).eval()
+        self.reference_images, self.reference_name, self.num_samples = reference_images, reference_name, num_samples
+        self.labels = torch.arange(num_samples) % 10
+        self.store = store
+        self.scores = json.loads(store.read_text()) if store.is_file() else {}
+
+    def _key(self, folder: Path, what: str) -> str:
+        weights = (folder / "model.safetensors").stat()
+        return f"{folder.resolve()}|{what}|{self.reference_name}|{self.num_samples}|{weights.st_size}|{weights.st_mtime_ns}"
+
+    def _remembered(self, folder: Path, what: str, compute) -> dict:
+        key = self._key(folder, what)
+        if key not in self.scores:
+            self.scores[key] = compute(MergeARForCausalLM.from_pretrained(folder).eval())
+            self.store.parent.mkdir(parents=True, exist_ok=True)
+            staged = self.store.with_suffix(".tmp")
+            staged.write_text(json.dumps(self.scores, indent=1))
+            os.replace(staged, self.store)
+        return self.scores[key]
+
+    def samples(self, folder: Path) -> dict:
+        """FD-LeNet and class accuracy of samples at K = 16, guidance 1 and 2."""
+        def compute(model):
+            scores = {}
+            for guidance in (1.0, 2.0):
+                def sample(batch_labels, generator, guidance=guidance):
+                    return self.vq_model.decode(generate_codes(model, batch_labels, guidance, None, generator, num_tokens=16))
+
+                row = evaluate_generation(sample, self.labels, self.reference_images, feature_networks=("lenet-fashion",))
+                scores[f"fd_g{guidance:g}"] = row["fd/lenet-fashion"]
+                scores[f"accuracy_g{guidance:g}"] = row["class_accuracy/lenet-fashion"]
+            return scores
+
+        return self._remembered(folder, "samples", compute)
+
+    def instruction(self, folder: Path) -> dict:
+        """Distinct codes per image generated at each K of ``INSTRUCTION_K`` (guidance off)."""
+        return self._remembered(folder, "instruction", lambda model: {f"distinct_k{k}": distinct_codes(model, k, self.num_samples) for k in INSTRUCTION_K})
+
+
+def spread(values: list[float], digits: int) -> str:
+    """One seed: its value; several: the mean and, in brackets, the lowest and highest seed."""
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+
+
 def ablation_table(ablations: Path, reference_images: torch.Tensor, reference_name: str, num_samples: int) -> str:
-    vq_model = MergeVQModel.from_pretrained(os.path.join(bundled_model_path(), "vq_model")).eval()
-    labels = torch.arange(num_samples) % 10
+    scorer = AblationScorer(reference_images, reference_name, num_samples, ablations / "scores.json")
     lines = [
         "### Generator ablations on the bundled tokenizer\n",
         f"{num_samples} samples per row at K = 16 (labels cycling over the 10 classes, the same seeds in every row) vs "
         f"{len(reference_images)} {reference_name} images; distinct codes: mean over {num_samples} images generated at each K "
-        "with guidance off and no sampling constraint (a K-token image holds at most K).\n",
-        "| model | FD-LeNet, guidance 1 ↓ | class acc., guidance 1 ↑ | FD-LeNet, guidance 2 ↓ | class acc., guidance 2 ↑ | "
+        "with guidance off and no sampling constraint (a K-token image holds at most K). Several training seeds: the mean "
+        "and, in brackets, the lowest and highest seed.\n",
+        "| model | seeds | FD-LeNet, guidance 1 ↓ | class acc., guidance 1 ↑ | FD-LeNet, guidance 2 ↓ | class acc., guidance 2 ↑ | "
         + " | ".join(f"distinct codes at K={k} (÷K)" for k in INSTRUCTION_K) + " |",
-        "|---|---|---|---|---|" + "---|" * len(INSTRUCTION_K),
+        "|---|---|---|---|---|---|" + "---|" * len(INSTRUCTION_K),
     ]
-    for name, folder in ablation_models(ablations).items():
-        model = MergeARForCausalLM.from_pretrained(folder).eval()
-        cells = []
-        for guidance in (1.0, 2.0):
-            def sample(batch_labels, generator, guidance=guidance):
-                return vq_model.decode(generate_codes(model, batch_labels, guidance, None, generator, num_tokens=16))
-
-            row = evaluate_generation(sample, labels, reference_images, feature_networks=("lenet-fashion",))
-            cells += [f"{row['fd/lenet-fashion']:.1f}", f"{row['class_accuracy/lenet-fashion']:.3f}"]
+    for name, runs in ablation_runs(ablations).items():
+        scores = [scorer.samples(run) | scorer.instruction(run) for run in runs]
+        column = lambda field: [score[field] for score in scores]  # noqa: E731
+        cells = [spread(column("fd_g1"), 1), spread(column("accuracy_g1"), 3), spread(column("fd_g2"), 1), spread(column("accuracy_g2"), 3)]
         for k in INSTRUCTION_K:
-            count = distinct_codes(model, k, num_samples)
-            cells.append(f"{count:.1f} ({count / k:.2f})")
+            cells.append(f"{spread(column(f'distinct_k{k}'), 1)} ({sum(column(f'distinct_k{k}')) / len(scores) / k:.2f})")
+        seeds = ", ".join(SEED_SUFFIX.search(run.name).group(1) if SEED_SUFFIX.search(run.name) else "–" for run in runs)
         print(f"{name}: {cells}", flush=True)
+        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def curve_table(ablations: Path, reference_images: torch.Tensor, reference_name: str, num_samples: int) -> str:
+    """FD-LeNet at guidance 1 and 2 after each kept checkpoint, per recipe (seeds averaged)."""
+    scorer = AblationScorer(reference_images, reference_name, num_samples, ablations / "scores.json")
+    curves = {}
+    for name, runs in ablation_runs(ablations).items():
+        by_step = defaultdict(list)
+        for run in runs:
+            for step, folder in checkpoints(run).items():
+                by_step[step].append(scorer.samples(folder))
+        if len(by_step) > 1:
+            curves[name] = dict(sorted(by_step.items()))
+    steps = sorted({step for curve in curves.values() for step in curve})
+    lines = [
+        "### Sample quality during training\n",
+        f"FD-LeNet of {num_samples} samples at K = 16 vs {len(reference_images)} {reference_name} images after each kept "
+        "checkpoint, guidance 1 / guidance 2 (mean over the recipe's seeds).\n",
+        "| model | " + " | ".join(f"{step} steps" for step in steps) + " |",
+        "|---|" + "---|" * len(steps),
+    ]
+    for name, curve in curves.items():
+        cells = []
+        for step in steps:
+            scores = curve.get(step)
+            mean = lambda field: sum(score[field] for score in scores) / len(scores)  # noqa: E731
+            cells.append(f"{mean('fd_g1'):.1f} / {mean('fd_g2'):.1f}" if scores else "–")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-__all__ = ["ablation_models", "ablation_table", "distinct_codes", "generate_codes"]
+__all__ = ["AblationScorer", "ablation_runs", "ablation_table", "checkpoints", "curve_table", "distinct_codes", "generate_codes", "spread"]

@@ -44,7 +44,7 @@ from mergevq_hf.evaluation.sampling import batch_generator
 from mergevq_hf.training import load_fashion_mnist
 
 from .alignment import alignment_table
-from .generators import ablation_table, generate_codes
+from .generators import ablation_table, curve_table, generate_codes
 from .grid_vq import GridVQTokenizer
 
 FEATURES = ("lenet-fashion", "mobilenet_v2")
@@ -220,10 +220,10 @@ def write_section(results_file: Path, part: str, body: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", type=Path, default=Path("outputs/reproduction"), help="folder of `python -m reproduction train` outputs")
-    parser.add_argument("--parts", default="tokenizers,generation", help="comma-separated: tokenizers, generation, alignment, ablations")
-    parser.add_argument("--ablations", type=Path, default=Path("outputs/ablation"), help="folder of the generator ablations (part ablations)")
+    parser.add_argument("--parts", default="tokenizers,generation", help="comma-separated: tokenizers, generation, alignment, ablations, curves")
+    parser.add_argument("--ablations", type=Path, default=Path("outputs/ablation"), help="folder of the generator ablations (parts ablations, curves)")
     parser.add_argument("--reference", choices=("heldout", "test"), default="test",
-                        help="ablations: compare samples with held-out training images (for choosing) or test images (for reporting)")
+                        help="ablations, curves: compare samples with held-out training images (for choosing) or test images (for reporting)")
     parser.add_argument("--num-test", type=int, default=2000, help="Fashion-MNIST test images scored (fixed subset)")
     parser.add_argument("--num-probe-train", type=int, default=10000, help="train images for the linear probe and k-NN")
     parser.add_argument("--num-generated", type=int, default=1000, help="samples per generation row")
@@ -235,8 +235,8 @@ def run(args: argparse.Namespace) -> None:
     """Score the trained models and print (and with ``--write``, write) each part's tables."""
     torch.set_num_threads(1)
     parts = set(args.parts.split(","))
-    if not parts <= {"tokenizers", "generation", "alignment", "ablations"}:
-        raise SystemExit(f"--parts takes tokenizers, generation, alignment and/or ablations, got {args.parts!r}")
+    if not parts <= {"tokenizers", "generation", "alignment", "ablations", "curves"}:
+        raise SystemExit(f"--parts takes tokenizers, generation, alignment, ablations and/or curves, got {args.parts!r}")
     if args.num_generated > args.num_test:
         raise SystemExit(f"--num-generated ({args.num_generated}) cannot exceed --num-test ({args.num_test}): the reference set is that many test images")
 
@@ -266,12 +266,14 @@ def run(args: argparse.Namespace) -> None:
         print(body, flush=True)
         if args.write:
             write_section(args.write, "alignment", body)
-    if "ablations" in parts:
+    if parts & {"ablations", "curves"}:
         if args.reference == "heldout":  # training images from index 50,000: no generator trained on them (they use the first 30,000)
             reference = dataset_to_tensors(load_fashion_mnist("train").select(range(50000, 60000)), 32, num_samples=args.num_generated, seed=0)[0]
         else:
             reference = test_images[: args.num_generated]
-        body = header.format(part="ablations") + ablation_table(args.ablations, reference, args.reference, args.num_generated)
-        print(body, flush=True)
-        if args.write:
-            write_section(args.write, f"ablations-{args.reference}", body)
+        for part, table in (("ablations", ablation_table), ("curves", curve_table)):
+            if part in parts:
+                body = header.format(part=part) + table(args.ablations, reference, args.reference, args.num_generated)
+                print(body, flush=True)
+                if args.write:
+                    write_section(args.write, f"{part}-{args.reference}", body)

@@ -200,7 +200,7 @@ def test_train_calls_each_training_module_in_order(monkeypatch, repo_root):
 
 
 def test_score_checks_its_options_before_loading_data():
-    with pytest.raises(SystemExit, match="--parts takes tokenizers, generation, alignment and/or ablations"):
+    with pytest.raises(SystemExit, match="--parts takes tokenizers, generation, alignment, ablations and/or curves"):
         reproduction_main(["score", "--parts", "tokenizers,images"])
 
 
@@ -216,3 +216,38 @@ def test_alignment_part_finds_every_trained_seed_and_needs_the_paper_recipe(tmp_
     found = trained_models(tmp_path)
     assert set(found) == {("tokenizer-paper", 0), ("tokenizer-paper", 1), ("tokenizer-cached", 0), ("tokenizer-cached", 1)}
     assert found["tokenizer-cached", 0].name == "vq_model"  # the bundled tokenizer stands in for cached seed 0
+
+
+def test_ablation_rows_group_seeds_and_find_checkpoints(tmp_path):
+    from mergevq_hf import MergeARConfig, MergeARForCausalLM
+    from reproduction.generators import BUNDLED, ablation_runs, checkpoints, spread
+
+    model = MergeARForCausalLM(MergeARConfig.from_preset("tiny"))
+    for run in ("mergear-steps8-seed0", "mergear-steps8-seed1", "raster-steps8-seed0", "mergear-steps8-seed2/checkpoint-2"):
+        model.save_pretrained(tmp_path / run)
+    (tmp_path / "mergear-steps8-seed0" / "trainer_state.json").write_text(json.dumps({"global_step": 8}))
+    for step in (2, 4):
+        model.save_pretrained(tmp_path / "mergear-steps8-seed0" / f"checkpoint-{step}")
+    rows = ablation_runs(tmp_path)
+    assert list(rows) == [BUNDLED, "mergear-steps8", "raster-steps8"]
+    assert [run.name for run in rows["mergear-steps8"]] == ["mergear-steps8-seed0", "mergear-steps8-seed1"]
+    kept = checkpoints(tmp_path / "mergear-steps8-seed0")
+    assert list(kept) == [2, 4, 8] and kept[8] == tmp_path / "mergear-steps8-seed0"
+    assert spread([2.0], 1) == "2.0" and spread([1.0, 4.0, 2.5], 1) == "2.5 (1.0–4.0)"
+
+
+def test_ablation_scores_are_remembered_until_the_weights_change(tmp_path, monkeypatch):
+    from mergevq_hf import MergeARConfig, MergeARForCausalLM
+    from reproduction import generators
+
+    run = tmp_path / "mergear-steps8-seed0"
+    MergeARForCausalLM(MergeARConfig.from_preset("tiny")).save_pretrained(run)
+    calls = []
+    monkeypatch.setattr(generators, "distinct_codes", lambda model, k, n: calls.append(k) or float(k))
+    scorer = generators.AblationScorer(torch.zeros(4, 3, 32, 32), "test", 4, tmp_path / "scores.json")
+    assert scorer.instruction(run) == {"distinct_k9": 9.0, "distinct_k16": 16.0, "distinct_k25": 25.0}
+    again = generators.AblationScorer(torch.zeros(4, 3, 32, 32), "test", 4, tmp_path / "scores.json")
+    assert again.instruction(run)["distinct_k16"] == 16.0 and calls == [9, 16, 25]  # read back from scores.json
+    MergeARForCausalLM(MergeARConfig.from_preset("tiny")).save_pretrained(run)  # retrained: new weights
+    again.instruction(run)
+    assert calls == [9, 16, 25] * 2

@@ -67,6 +67,9 @@ class MergeARConfig(PretrainedConfig):
         label_smoothing: label smoothing of the training cross-entropies.
         num_factorized_layers: depth of the small per-position transformer of the factorised head.
         repeat_window: ``W``, how many steps a repeated token stays visible (``W = 1``: only to itself).
+        tokens_left_embedding: also present the merge instruction at every image token: add an embedding of how many
+            new codes K still allows after it (K minus the distinct codes so far, at least 0). The paper presents K
+            once, as the instruction token; this is our option (docs/design.md §3.2).
         num_tokens: ``K`` used when ``generate`` gets no ``num_tokens`` (formerly ``default_num_tokens``, still read
             from saved configs).
         use_cache: whether the forward builds a cache by default at inference.
@@ -92,6 +95,7 @@ class MergeARConfig(PretrainedConfig):
     label_smoothing: float = 0.1
     num_factorized_layers: int = 2
     repeat_window: int = 1
+    tokens_left_embedding: bool = False
     num_tokens: int = 144
     use_cache: bool = True
     pad_token_id: int | None = None

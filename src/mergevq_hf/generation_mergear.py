@@ -8,6 +8,8 @@
   sub-token's own distribution. The head runs twice per step instead of ``2**low_bits + 1`` times for the exact joint.
 * :class:`TokenBudget` makes the merge instruction ``K`` a hard limit: once a row holds ``K`` distinct codes it may
   only repeat codes it already produced. :class:`TokenBudgetLogitsProcessor` applies it to full-code scores.
+* :func:`count_tokens_left` counts, at every position, how many new codes the merge instruction still allows (the input
+  of ``MergeARConfig.tokens_left_embedding``).
 * :func:`paused_gc` switches Python's cyclic garbage collector off for the length of a generation: the decode loop
   allocates many short-lived objects, and collections triggered by them cost time without freeing anything useful.
 """
@@ -48,6 +50,21 @@ def distinct_counts(codes: torch.Tensor) -> torch.Tensor:
         return codes.new_zeros(codes.shape[0])
     ordered = codes.sort(dim=1).values
     return 1 + (ordered[:, 1:] != ordered[:, :-1]).sum(1)
+
+
+def count_tokens_left(input_ids: torch.Tensor, config) -> torch.Tensor:
+    """``[B, 2 + t]`` sequences ``[class, merge instruction(K), codes...]`` -> ``[B, 2 + t]``: K minus the distinct
+    codes up to and including each position, at least 0 (K itself at the two prompt positions)."""
+    merge_base = config.codebook_size + config.num_classes + 1
+    num_tokens = input_ids[:, 1:2] - merge_base
+    codes = input_ids[:, PROMPT_LENGTH:]
+    # A code's first occurrence is the first of its run in a stable sort.
+    ordered, order = codes.sort(dim=1, stable=True)
+    first_in_order = torch.ones_like(ordered, dtype=torch.bool)
+    first_in_order[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    first = torch.empty_like(first_in_order).scatter_(1, order, first_in_order)
+    left = (num_tokens - first.cumsum(1)).clamp(min=0)
+    return torch.cat([num_tokens.expand(-1, PROMPT_LENGTH), left], dim=1)
 
 
 class TokenBudget:
@@ -202,9 +219,13 @@ class MergeARSampler:
         unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         while True:
             step_ids = input_ids if cache is None else input_ids[:, cache.get_seq_length() :]
+            step_left = None
+            if model.config.tokens_left_embedding:
+                step_left = count_tokens_left(input_ids, model.config)[:, -step_ids.shape[1] :]
             if guided:
                 step_ids = model._guidance_batch(step_ids, None, None, cache)[0]
-            hidden = model.model(step_ids, cache=cache, use_cache=False).last_hidden_state[:, -1]
+                step_left = None if step_left is None else step_left.repeat(2, 1)
+            hidden = model.model(step_ids, cache=cache, use_cache=False, tokens_left=step_left).last_hidden_state[:, -1]
             held = budget.held(input_ids) if budget is not None else None
             if held is not None and not bool(held[1].any()):
                 held = None  # no row holds K codes yet
@@ -245,6 +266,7 @@ __all__ = [
     "SAMPLING_MODES",
     "TokenBudget",
     "TokenBudgetLogitsProcessor",
+    "count_tokens_left",
     "distinct_counts",
     "paused_gc",
 ]

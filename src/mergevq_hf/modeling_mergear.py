@@ -4,7 +4,8 @@ A sequence is ``[class token, merge-instruction token(K)] + y[0..L-1]``: ``y`` i
 grid in which every position carries the code of its merged parent, so only about ``K`` codes are distinct. The
 backbone is Llama-style (pre-norm RMSNorm, SwiGLU, SDPA) with a 2-D rotary embedding over each image token's
 (row, column). A repeated code is visible as context only within ``W`` steps of its position (first occurrences
-and the prompt stay visible): a boolean mask in training, :class:`MergeARCache` eviction at inference.
+and the prompt stay visible): a boolean mask in training, :class:`MergeARCache` eviction at inference. With
+``config.tokens_left_embedding`` every image token also carries how many new codes K still allows after it.
 
 This mask rule is this project's reading of the paper's garbled Eq. 12 (docs/design.md §3.1), not released code.
 
@@ -33,7 +34,9 @@ from .cache_mergear import MergeARCache, build_sparsity_mask
 from .checkpoint_errors import ClearCheckpointErrorsMixin
 from .config_checks import check_attention_outputs
 from .configuration_mergear import MergeARConfig
-from .generation_mergear import SAMPLING_MODES, MergeARSampler, TokenBudgetLogitsProcessor, paused_gc
+from .generation_mergear import (
+    SAMPLING_MODES, MergeARSampler, TokenBudgetLogitsProcessor, count_tokens_left, paused_gc,
+)
 from .quantization_lfq import split_indices
 from .sampling_utils import check_guidance_scale, check_sampling_arguments, is_integer, renamed_keyword
 
@@ -289,6 +292,8 @@ class MergeARModel(MergeARPreTrainedModel):
         self.embed_image = MergeARImageEmbedding(config)
         self.embed_class = MergeARClassEmbedding(config)
         self.embed_merge = nn.Embedding(config.num_patches + 1, config.hidden_size)  # indexed by K itself
+        if config.tokens_left_embedding:
+            self.embed_tokens_left = nn.Embedding(config.num_patches + 1, config.hidden_size)
         self._add_prompt_embeddings(config)
         self.token_dropout = nn.Dropout(config.token_dropout)
         self.layers = nn.ModuleList(MergeARDecoderLayer(config, i) for i in range(config.num_hidden_layers))
@@ -347,6 +352,27 @@ class MergeARModel(MergeARPreTrainedModel):
             raise ValueError("Prompt ids (class / merge instruction) must come before all image codes.")
         return build_sparsity_mask(input_ids[:, num_prompt:], self.config.repeat_window, num_prompt)
 
+    def _embed_tokens_left(self, input_ids, tokens_left, past):
+        if tokens_left is None:
+            if past:
+                raise ValueError(
+                    "This model embeds the tokens left under the merge instruction (config.tokens_left_embedding): "
+                    "decoding from a cache needs tokens_left, count_tokens_left(whole sequence)[:, -q:]; generate "
+                    "passes it."
+                )
+            merge_base = self.config.codebook_size + self.config.num_classes + 1
+            if input_ids.shape[1] < NUM_PREFIX or not bool((input_ids[:, 1] > merge_base).all()):
+                raise ValueError(
+                    "This model counts the tokens left from the merge instruction: sequences must start "
+                    "[class, merge instruction(K)], or pass tokens_left."
+                )
+            tokens_left = count_tokens_left(input_ids, self.config)
+        if tokens_left.shape != input_ids.shape:
+            raise ValueError(f"tokens_left must be {tuple(input_ids.shape)} like input_ids, got {tuple(tokens_left.shape)}.")
+        is_image = input_ids < self.config.codebook_size
+        embedded = self.embed_tokens_left(tokens_left.clamp(0, self.config.num_patches))
+        return embedded * is_image[..., None]
+
     @capture_outputs
     def forward(
         self,
@@ -357,6 +383,7 @@ class MergeARModel(MergeARPreTrainedModel):
         use_cache: bool | None = None,
         past_key_values: Cache | None = None,
         *,
+        tokens_left: torch.LongTensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
     ) -> BaseModelOutputWithPast:
@@ -367,6 +394,9 @@ class MergeARModel(MergeARPreTrainedModel):
         cache / past_key_values: a ``MergeARCache`` (MergeAR eviction) or any other ``Cache`` (keeps every
             token: raster-AR baseline on the same weights). Without a cache the sparsity mask is applied directly.
         use_cache: build a ``MergeARCache`` when no cache is given (default: ``config.use_cache`` in eval mode).
+        tokens_left: ``[B, q]``, :func:`count_tokens_left` of the whole sequence at these ``q`` positions; used with
+            ``config.tokens_left_embedding``, where it is needed once a cache holds the start of the sequence
+            (``generate`` passes it). Without a cache it is counted from ``input_ids``.
         output_hidden_states: also return ``hidden_states``, the ``num_hidden_layers + 1`` states ``[B, q, d]``
             (embeddings, then every layer's output; the last one after the final norm). Recorded by transformers'
             ``capture_outputs`` hooks, as are the ``attentions``.
@@ -394,7 +424,10 @@ class MergeARModel(MergeARPreTrainedModel):
                 f"Sequence longer than the prompt + L = {NUM_PREFIX + self.config.num_patches} tokens."
             )
         mask = self._attention_mask(input_ids, attention_mask, cache, past)
-        hidden_states = self.token_dropout(self.embed(input_ids))
+        hidden_states = self.embed(input_ids)
+        if self.config.tokens_left_embedding:
+            hidden_states = hidden_states + self._embed_tokens_left(input_ids, tokens_left, past)
+        hidden_states = self.token_dropout(hidden_states)
         rotary = rotary_2d(position_ids.expand(input_ids.shape[0], -1), self.config, hidden_states.dtype)
         for layer in self.layers:
             hidden_states = layer(hidden_states, rotary=rotary, attention_mask=mask, cache=cache)
@@ -529,6 +562,7 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         cfg_scale: float | None = None,
+        tokens_left: torch.LongTensor | None = None,
     ) -> MergeARCausalLMOutput:
         r"""
         Two entries:
@@ -547,6 +581,7 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
             sequence it ran (``[cls, M(K)] + labels[:, :-1]`` in training; ``2B`` rows with ``guidance_scale``).
         return_dict: ``False`` returns a tuple.
         cfg_scale: deprecated name of ``guidance_scale``.
+        tokens_left: see :meth:`MergeARModel.forward` (generation with ``config.tokens_left_embedding``).
         """
         guidance_scale = renamed_keyword(guidance_scale, cfg_scale, "guidance_scale", "cfg_scale")
         recorded = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
@@ -578,7 +613,11 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
             input_ids, attention_mask, position_ids = self._guidance_batch(
                 input_ids, attention_mask, position_ids, cache
             )
-        outputs = self.model(input_ids, attention_mask, position_ids, cache=cache, use_cache=use_cache, **recorded)
+            if tokens_left is not None:
+                tokens_left = tokens_left.repeat(2, 1)
+        outputs = self.model(
+            input_ids, attention_mask, position_ids, cache=cache, use_cache=use_cache, tokens_left=tokens_left, **recorded
+        )
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
             hidden_states = hidden_states[:, -logits_to_keep:]
@@ -697,8 +736,12 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
             return super().generate(inputs, config, **model_kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, batched_guidance_scale=None, **kwargs):
-        """transformers' preparation; ``forward`` then gets the guidance scale that ``generate`` resolved."""
-        return {**super().prepare_inputs_for_generation(input_ids, **kwargs), "guidance_scale": batched_guidance_scale}
+        """transformers' preparation; ``forward`` then gets the guidance scale that ``generate`` resolved, and the
+        tokens left at the positions it runs (``config.tokens_left_embedding``)."""
+        inputs = {**super().prepare_inputs_for_generation(input_ids, **kwargs), "guidance_scale": batched_guidance_scale}
+        if self.config.tokens_left_embedding:
+            inputs["tokens_left"] = count_tokens_left(input_ids, self.config)[:, -inputs["input_ids"].shape[1] :]
+        return inputs
 
     def _check_prompt(self, prompt) -> torch.LongTensor:
         """A generation prompt must be ``[class, merge instruction(K), image codes...]`` with room left to generate."""

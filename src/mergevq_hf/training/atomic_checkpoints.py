@@ -102,6 +102,33 @@ def start_run(args, logger: logging.Logger) -> tuple[str | None, bool]:
     return resume, False
 
 
+def save_run(trainer, result) -> None:
+    """What every training entry point does after ``trainer.train``: export the model, keep its metrics and state."""
+    with clear_write_errors(trainer.args.output_dir, "the trained model"):
+        trainer.save_model()
+    log_metrics(trainer, "train", result.metrics)
+    trainer.save_state()
+
+
+def log_metrics(trainer, split: str, metrics: dict) -> None:
+    """Print ``metrics`` and keep them in ``<output_dir>/<split>_results.json``."""
+    trainer.log_metrics(split, metrics)
+    trainer.save_metrics(split, metrics)
+
+
+def publish_run(trainer, title: str, logger: logging.Logger) -> None:
+    """What every training entry point does last: the loss-curve plot (main process) and the upload, if asked for."""
+    from .plotting import plot_loss_curves
+
+    if trainer.is_world_process_zero():
+        try:
+            plot_loss_curves(trainer.state.log_history, os.path.join(trainer.args.output_dir, "loss_curves.png"), title=title)
+        except ValueError as err:
+            logger.warning("no loss-curve plot: %s", err)
+    if trainer.args.push_to_hub:
+        trainer.push_to_hub()
+
+
 def end_run() -> None:
     """Leave the process group together when the run was distributed (a no-op otherwise). A gloo rank that exits with
     the group alive while another still tears down can abort ("terminate called without an active exception")."""

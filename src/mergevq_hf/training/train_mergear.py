@@ -31,8 +31,8 @@ from ..configuration_randar import MergeRandARConfig
 from ..modeling_mergear import MergeARForCausalLM
 from ..modeling_mergevq import MergeVQModel
 from ..modeling_randar import MergeRandARForCausalLM
-from . import load_image_dataset, plot_loss_curves
-from .atomic_checkpoints import clear_write_errors, end_run, start_run
+from . import load_image_dataset
+from .atomic_checkpoints import end_run, log_metrics, publish_run, save_run, start_run
 from .trainer_mergear import (
     MergeARTokenDataset,
     MergeARTrainer,
@@ -142,23 +142,10 @@ def main(argv: list[str] | None = None) -> MergeARTrainer | None:
     trainer = MergeARTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation, **collator)
     if resume:
         logger.info("resuming from %s", resume)
-    result = trainer.train(resume_from_checkpoint=resume)
-    with clear_write_errors(args.output_dir, "the trained model"):
-        trainer.save_model()
-    trainer.log_metrics("train", result.metrics)
-    trainer.save_metrics("train", result.metrics)
-    trainer.save_state()
+    save_run(trainer, trainer.train(resume_from_checkpoint=resume))
     if evaluation is not None:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-    if trainer.is_world_process_zero():
-        try:
-            plot_loss_curves(trainer.state.log_history, os.path.join(args.output_dir, "loss_curves.png"), title=f"{type(model).__name__} {model_args.preset} on {data_args.dataset}")
-        except ValueError as err:
-            logger.warning("no loss-curve plot: %s", err)
-    if args.push_to_hub:
-        trainer.push_to_hub()
+        log_metrics(trainer, "eval", trainer.evaluate())
+    publish_run(trainer, f"{type(model).__name__} {model_args.preset} on {data_args.dataset}", logger)
     return trainer
 
 

@@ -40,10 +40,9 @@ from . import (
     build_teacher,
     collate_images,
     load_image_dataset,
-    plot_loss_curves,
     precompute_teacher_features,
 )
-from .atomic_checkpoints import clear_write_errors, end_run, start_run
+from .atomic_checkpoints import end_run, log_metrics, publish_run, save_run, start_run
 from .trainer_tokenizer import RAW_WEIGHTS_SUBFOLDER, MergeVQTrainer, MergeVQTrainingArguments, reconstruction_metrics
 
 logger = logging.getLogger(__name__)
@@ -137,13 +136,7 @@ def main(argv: list[str] | None = None) -> MergeVQTrainer | None:
     trainer = MergeVQTrainer(model=model, args=args, train_dataset=train, teacher=teacher)
     if resume:
         logger.info("resuming from %s", resume)
-    result = trainer.train(resume_from_checkpoint=resume)
-    with clear_write_errors(args.output_dir, "the trained model"):
-        trainer.save_model()  # EMA weights -> output_dir, live weights -> output_dir/raw
-    trainer.log_metrics("train", result.metrics)
-    trainer.save_metrics("train", result.metrics)
-    trainer.save_state()
-
+    save_run(trainer, trainer.train(resume_from_checkpoint=resume))  # EMA weights -> output_dir, live -> output_dir/raw
     if trainer.is_world_process_zero():
         pixels = eval_images(data_args, image_size, args.seed)
         if pixels is not None and trainer.is_fsdp2_sharded:  # the weights are sharded over the processes: score the export
@@ -151,21 +144,14 @@ def main(argv: list[str] | None = None) -> MergeVQTrainer | None:
             metrics = {f"raw_{k}": v for k, v in reconstruction_metrics(MergeVQModel.from_pretrained(raw_dir), pixels).items()}
             if trainer.ema is not None:
                 metrics.update({f"ema_{k}": v for k, v in reconstruction_metrics(MergeVQModel.from_pretrained(args.output_dir), pixels).items()})
-            trainer.log_metrics("eval", metrics)
-            trainer.save_metrics("eval", metrics)
+            log_metrics(trainer, "eval", metrics)
         elif pixels is not None:
             metrics = {f"raw_{k}": v for k, v in reconstruction_metrics(model, pixels).items()}
             if trainer.ema is not None:
                 with trainer.ema.average_parameters(model):
                     metrics.update({f"ema_{k}": v for k, v in reconstruction_metrics(model, pixels).items()})
-            trainer.log_metrics("eval", metrics)
-            trainer.save_metrics("eval", metrics)
-        try:
-            plot_loss_curves(trainer.state.log_history, os.path.join(args.output_dir, "loss_curves.png"), title=f"MergeVQ {model_args.preset} on {data_args.dataset}")
-        except ValueError as err:
-            logger.warning("no loss-curve plot: %s", err)
-    if args.push_to_hub:
-        trainer.push_to_hub()
+            log_metrics(trainer, "eval", metrics)
+    publish_run(trainer, f"MergeVQ {model_args.preset} on {data_args.dataset}", logger)
     return trainer
 
 
