@@ -82,12 +82,16 @@ RECIPES: dict[str, Recipe] = {
     "raster": _ablation("W = L = 64: no repeat is hidden, a plain raster AR", repeat_window=64),
     "mergear-ls0": _ablation("label smoothing 0", label_smoothing=0.0),
     "raster-ls0": _ablation("W = L, label smoothing 0", repeat_window=64, label_smoothing=0.0),
+    "mergear-w8": _ablation("W = 8: a repeat stays visible for one grid row", repeat_window=8),
     "mergear-w8-ls0": _ablation("W = 8 (one grid row), label smoothing 0", repeat_window=8, label_smoothing=0.0),
     "mergear-td0-ls0": _ablation("token dropout 0, label smoothing 0", token_dropout=0.0, label_smoothing=0.0),
     # K presented at every image token (how many new codes it still allows), besides the instruction token.
     "mergear-left": _ablation("tokens-left embedding (K minus the distinct codes so far, at every image token)", tokens_left_embedding=True),
     "raster-left": _ablation("W = L with the tokens-left embedding: the raster AR given the same presentation of K", repeat_window=64, tokens_left_embedding=True),
     "mergear-left-ls0": _ablation("tokens-left embedding, label smoothing 0", tokens_left_embedding=True, label_smoothing=0.0),
+    # An explicit repeat-or-new choice at every step (docs/design.md §3.3), alone and with the tokens-left embedding.
+    "mergear-gate": _ablation("repeat gate: a binary head chooses between repeating a held code and a new one", repeat_gate=True),
+    "mergear-gate-left": _ablation("repeat gate and tokens-left embedding", repeat_gate=True, tokens_left_embedding=True),
     "randar": _ablation("random order (MergeRandAR) with the bundled recipe", mode="random"),
     "randar-ls0": _ablation("random order (MergeRandAR), label smoothing 0", mode="random", label_smoothing=0.0),
 }

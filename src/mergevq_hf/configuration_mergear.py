@@ -69,7 +69,10 @@ class MergeARConfig(PretrainedConfig):
         repeat_window: ``W``, how many steps a repeated token stays visible (``W = 1``: only to itself).
         tokens_left_embedding: also present the merge instruction at every image token: add an embedding of how many
             new codes K still allows after it (K minus the distinct codes so far, at least 0). The paper presents K
-            once, as the instruction token; this is our option (docs/design.md §3.2).
+            once, as the instruction token; this is our option (docs/design.md §3.1).
+        repeat_gate: give the model an explicit choice, at every step, between repeating a code the row already holds
+            and starting a new one: a binary head on the final state, trained on whether the true next code is a
+            repeat; a code is then drawn among the held codes or among the others (docs/design.md §3.3). Our option.
         num_tokens: ``K`` used when ``generate`` gets no ``num_tokens`` (formerly ``default_num_tokens``, still read
             from saved configs).
         use_cache: whether the forward builds a cache by default at inference.
@@ -96,6 +99,7 @@ class MergeARConfig(PretrainedConfig):
     num_factorized_layers: int = 2
     repeat_window: int = 1
     tokens_left_embedding: bool = False
+    repeat_gate: bool = False
     num_tokens: int = 144
     use_cache: bool = True
     pad_token_id: int | None = None

@@ -67,6 +67,23 @@ def count_tokens_left(input_ids: torch.Tensor, config) -> torch.Tensor:
     return torch.cat([num_tokens.expand(-1, PROMPT_LENGTH), left], dim=1)
 
 
+def held_codes(input_ids: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """``[B, 2 + t]`` sequences -> ``[B, V]`` bool: True at every code the row holds (``MergeARConfig.repeat_gate``)."""
+    codes = input_ids[:, PROMPT_LENGTH:]
+    held = torch.zeros(codes.shape[0], codebook_size, dtype=torch.bool, device=codes.device)
+    return held.scatter_(1, codes, True)
+
+
+def draw_repeats(gate_logits: torch.Tensor, do_sample: bool, generators=None) -> torch.Tensor:
+    """``[B]`` repeat-gate logits -> ``[B]`` bool, True where the row repeats a held code (greedy: logit > 0)."""
+    if not do_sample:
+        return gate_logits > 0
+    probs = torch.stack([torch.sigmoid(-gate_logits), torch.sigmoid(gate_logits)], dim=1)
+    if generators is not None:
+        return sample_rows(probs, generators).bool()
+    return torch.multinomial(probs, 1)[:, 0].bool()
+
+
 class TokenBudget:
     """The merge instruction as a hard limit: a row holding ``K`` distinct codes may only repeat one of them.
 
@@ -112,6 +129,21 @@ class TokenBudget:
         held_low, held_high = split_indices(codes, self.low_bits)
         forbidden = full[:, None] & ~self._allowed(held_high, scores.shape[1], held_low == low[:, None])
         return scores.masked_fill(forbidden, float("-inf"))
+
+    # The repeat gate's other branch: rows that start a new code may not pick one they hold.
+    def exclude_codes(self, held, scores):
+        """``[B, V]`` full-code scores -> scores with the held codes of the ``held`` rows at ``-inf``."""
+        codes, rows = held
+        return scores.masked_fill(rows[:, None] & self._allowed(codes, self.codebook_size), float("-inf"))
+
+    def exclude_high(self, held, scores, low):
+        """``[B, 2**high_bits]`` scores: given the chosen low bits, no high bits that complete a held code (unless
+        every value does: that row then repeats)."""
+        codes, rows = held
+        held_low, held_high = split_indices(codes, self.low_bits)
+        taken = self._allowed(held_high, scores.shape[1], held_low == low[:, None])
+        rows = rows & ~taken.all(1)
+        return scores.masked_fill(rows[:, None] & taken, float("-inf"))
 
 
 class TokenBudgetLogitsProcessor(LogitsProcessor):
@@ -204,11 +236,15 @@ class MergeARSampler:
                 return sample_rows(probs, self.generators)
             return torch.multinomial(probs, 1)[:, 0]
 
-        held = None  # this step's (codes so far, rows holding K codes) when the budget binds; set in the loop
+        gated = model.config.repeat_gate
+        restrictions = TokenBudget(model.config)
+        # Set in the loop: (codes so far, rows that may only repeat one) when the budget binds or the gate chose to
+        # repeat, and (codes so far, rows that may not repeat one) when the gate chose a new code.
+        held = new = None
 
         def process(name, logits, restrict):
             logits = guide(logits)
-            scores = logits if held is None else restrict(logits)
+            scores = logits if held is None and new is None else restrict(logits)
             scores = logits_processor(input_ids, scores)
             if record_scores:
                 recorded[name + "scores"].append(scores)
@@ -229,15 +265,31 @@ class MergeARSampler:
             held = budget.held(input_ids) if budget is not None else None
             if held is not None and not bool(held[1].any()):
                 held = None  # no row holds K codes yet
+            if gated and input_ids.shape[1] > PROMPT_LENGTH:
+                so_far = input_ids[:, PROMPT_LENGTH:]
+                repeat = draw_repeats(guide(model.repeat_gate(hidden))[:, 0], config.do_sample, self.generators)
+                if held is not None:
+                    repeat |= held[1]
+                held, new = (so_far, repeat), (so_far, ~repeat)
             if self.sampling == "joint":
-                scores = process("", model.logits(hidden), lambda s: budget.restrict_codes(held, s))
+                def restrict_codes(scores):
+                    if held is not None:
+                        scores = restrictions.restrict_codes(held, scores)
+                    return scores if new is None else restrictions.exclude_codes(new, scores)
+
+                scores = process("", model.logits(hidden), restrict_codes)
                 codes = pick(scores)
             else:
+                def restrict_high(scores):
+                    if held is not None:
+                        scores = restrictions.restrict_high(held, scores, low)
+                    return scores if new is None else restrictions.exclude_high(new, scores, low)
+
                 head = model.lm_head
                 low_logits, head_cache = head.predict_low(hidden)
-                low = pick(process("low_", low_logits, lambda s: budget.restrict_low(held, s)))
+                low = pick(process("low_", low_logits, lambda s: s if held is None else restrictions.restrict_low(held, s)))
                 high_logits = head.predict_high(low.repeat(2) if guided else low, head_cache)
-                scores = process("high_", high_logits, lambda s: budget.restrict_high(held, s, low))
+                scores = process("high_", high_logits, restrict_high)
                 codes = merge_indices(low, pick(scores), head.low_bits)
             input_ids = torch.cat([input_ids, codes[:, None]], dim=1)
             unfinished &= ~stopping_criteria(input_ids, scores)
@@ -268,5 +320,7 @@ __all__ = [
     "TokenBudgetLogitsProcessor",
     "count_tokens_left",
     "distinct_counts",
+    "draw_repeats",
+    "held_codes",
     "paused_gc",
 ]

@@ -30,12 +30,12 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
-from .cache_mergear import MergeARCache, build_sparsity_mask
+from .cache_mergear import MergeARCache, build_sparsity_mask, first_occurrence
 from .checkpoint_errors import ClearCheckpointErrorsMixin
 from .config_checks import check_attention_outputs
 from .configuration_mergear import MergeARConfig
 from .generation_mergear import (
-    SAMPLING_MODES, MergeARSampler, TokenBudgetLogitsProcessor, count_tokens_left, paused_gc,
+    SAMPLING_MODES, MergeARSampler, TokenBudgetLogitsProcessor, count_tokens_left, held_codes, paused_gc,
 )
 from .quantization_lfq import split_indices
 from .sampling_utils import check_guidance_scale, check_sampling_arguments, is_integer, renamed_keyword
@@ -50,10 +50,12 @@ class MergeARCausalLMOutput(CausalLMOutputWithPast):
     """``CausalLMOutputWithPast`` plus the factorised head's teacher-forced logits of the training path.
 
     low_logits: ``[B, L, 2**low_bits]``; high_logits: ``[B, L, 2**high_bits]``, given the true low bits.
+    repeat_logits: ``[B, q]`` logits of the repeat gate (``config.repeat_gate``): the next code repeats a held one.
     """
 
     low_logits: torch.FloatTensor | None = None
     high_logits: torch.FloatTensor | None = None
+    repeat_logits: torch.FloatTensor | None = None
 
 
 def _rotate_half_per_axis(x: torch.Tensor) -> torch.Tensor:
@@ -458,6 +460,21 @@ def _cache_rows(cache) -> int | None:
     return keys.shape[0] if isinstance(keys, torch.Tensor) and keys.dim() == 4 else None
 
 
+def gated_log_probs(log_probs, repeat_logits, held):
+    """The repeat gate's code distribution: ``log(g p(c | c held) + (1 - g) p(c | c not held))``, ``g`` = sigmoid of
+    ``repeat_logits`` ``[...]``, ``p`` the head's distribution ``log_probs`` ``[..., V]`` renormalised on each side of
+    ``held`` ``[..., V]`` (a side with no code gets no mass)."""
+    log_probs = log_probs.float()
+    minus_inf = torch.tensor(float("-inf"), device=log_probs.device)
+    sides = []
+    for side, gate in ((held, F.logsigmoid(repeat_logits.float())), (~held, F.logsigmoid(-repeat_logits.float()))):
+        renormalised = log_probs.masked_fill(~side, float("-inf")).log_softmax(-1)
+        sides.append(torch.where(side.any(-1, keepdim=True), gate[..., None] + renormalised, minus_inf))
+    mixture = torch.logaddexp(*sides)
+    # Only one side holds codes (the first step holds none): all mass goes to it.
+    return mixture - mixture.logsumexp(-1, keepdim=True)
+
+
 class MergeARGeneratorMixin:
     """What MergeAR and MergeRandAR share on top of their backbones: the code head, its logits and loss, and the
     class-label check. The head is factorised (``config.factorized_bits``) or a dense ``nn.Linear`` up to 14 bits."""
@@ -522,6 +539,8 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
         super().__init__(config)
         self.model = MergeARModel(config)
         self._init_code_head(config)
+        if config.repeat_gate:
+            self.repeat_gate = nn.Linear(config.hidden_size, 1)
         self.post_init()
 
     def build_prompt(self, class_labels, num_tokens=None) -> torch.LongTensor:
@@ -563,6 +582,7 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
         output_hidden_states: bool | None = None,
         cfg_scale: float | None = None,
         tokens_left: torch.LongTensor | None = None,
+        codes_held: torch.BoolTensor | None = None,
     ) -> MergeARCausalLMOutput:
         r"""
         Two entries:
@@ -582,6 +602,9 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
         return_dict: ``False`` returns a tuple.
         cfg_scale: deprecated name of ``guidance_scale``.
         tokens_left: see :meth:`MergeARModel.forward` (generation with ``config.tokens_left_embedding``).
+        codes_held: ``[B, V]`` bool, the codes each row held before ``input_ids`` (generation with a cache and
+            ``config.repeat_gate``; :func:`held_codes` of the sequence so far). With the gate, ``logits`` are the
+            gate's mixture ``log(g p(c | held) + (1 - g) p(c | not held))`` and ``repeat_logits`` hold the gate.
         """
         guidance_scale = renamed_keyword(guidance_scale, cfg_scale, "guidance_scale", "cfg_scale")
         recorded = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
@@ -601,7 +624,13 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
             self._check_labels(labels, input_ids.shape[0])
             sequence = torch.cat([input_ids, labels[:, :-1]], dim=1)
             outputs = self.model(sequence, use_cache=False, **recorded)
-            loss, logits = self._code_loss(outputs.last_hidden_state[:, NUM_PREFIX - 1 :], labels)
+            hidden_states = outputs.last_hidden_state[:, NUM_PREFIX - 1 :]
+            loss, logits = self._code_loss(hidden_states, labels)
+            if self.config.repeat_gate:
+                repeat_logits = self.repeat_gate(hidden_states)[..., 0]
+                is_repeat = (~first_occurrence(labels)).to(repeat_logits.dtype)
+                loss = loss + F.binary_cross_entropy_with_logits(repeat_logits.float(), is_repeat.float())
+                logits["repeat_logits"] = repeat_logits
             return MergeARCausalLMOutput(
                 loss=loss, hidden_states=outputs.hidden_states, attentions=outputs.attentions, **logits
             )
@@ -615,22 +644,42 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
             )
             if tokens_left is not None:
                 tokens_left = tokens_left.repeat(2, 1)
+        if self.config.repeat_gate:
+            held = self._held_at_each_position(input_ids[:batch], codes_held, cache)
         outputs = self.model(
             input_ids, attention_mask, position_ids, cache=cache, use_cache=use_cache, tokens_left=tokens_left, **recorded
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        else:
-            hidden_states = hidden_states[:, logits_to_keep]
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        hidden_states = outputs.last_hidden_state[:, keep]
         logits = self.logits(hidden_states)
+        repeat_logits = self.repeat_gate(hidden_states)[..., 0] if self.config.repeat_gate else None
         if guided:
-            cond, uncond = logits[:batch], logits[batch:]
-            logits = uncond + guidance_scale * (cond - uncond)
+            logits = logits[batch:] + guidance_scale * (logits[:batch] - logits[batch:])
+            if repeat_logits is not None:
+                repeat_logits = repeat_logits[batch:] + guidance_scale * (repeat_logits[:batch] - repeat_logits[batch:])
+        if repeat_logits is not None:
+            logits = gated_log_probs(logits, repeat_logits, held[:, keep])
         return MergeARCausalLMOutput(
-            logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
+            logits=logits, repeat_logits=repeat_logits, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
         )
+
+    def _held_at_each_position(self, input_ids, codes_held, cache):
+        """``[B, q, V]`` bool: the codes a row holds once each of the ``q`` input tokens is in (repeat gate)."""
+        past = cache.get_seq_length() if cache is not None else 0
+        if codes_held is None:
+            if past:
+                raise ValueError(
+                    "This model has a repeat gate (config.repeat_gate): decoding from a cache needs codes_held, the "
+                    "[B, V] codes the row held before these tokens (held_codes(sequence so far)); generate passes it."
+                )
+            codes_held = torch.zeros(input_ids.shape[0], self.config.codebook_size, dtype=torch.bool, device=input_ids.device)
+        if codes_held.shape != (input_ids.shape[0], self.config.codebook_size) or codes_held.dtype != torch.bool:
+            raise ValueError(f"codes_held must be a [{input_ids.shape[0]}, {self.config.codebook_size}] bool tensor.")
+        is_code = input_ids < self.config.codebook_size
+        added = torch.zeros(*input_ids.shape, self.config.codebook_size, dtype=torch.uint8, device=input_ids.device)
+        added.scatter_(2, (input_ids * is_code)[..., None], is_code[..., None].to(torch.uint8))
+        return added.cummax(dim=1).values.bool() | codes_held[:, None]
 
     def _guidance_batch(self, input_ids, attention_mask, position_ids, cache):
         codebook, null_id = self.config.codebook_size, self.config.codebook_size + self.config.num_classes
@@ -736,11 +785,15 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
             return super().generate(inputs, config, **model_kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, batched_guidance_scale=None, **kwargs):
-        """transformers' preparation; ``forward`` then gets the guidance scale that ``generate`` resolved, and the
-        tokens left at the positions it runs (``config.tokens_left_embedding``)."""
+        """transformers' preparation; ``forward`` then gets the guidance scale that ``generate`` resolved, the tokens
+        left at the positions it runs (``config.tokens_left_embedding``) and the codes held before them
+        (``config.repeat_gate``)."""
         inputs = {**super().prepare_inputs_for_generation(input_ids, **kwargs), "guidance_scale": batched_guidance_scale}
+        step = inputs["input_ids"].shape[1]
         if self.config.tokens_left_embedding:
-            inputs["tokens_left"] = count_tokens_left(input_ids, self.config)[:, -inputs["input_ids"].shape[1] :]
+            inputs["tokens_left"] = count_tokens_left(input_ids, self.config)[:, -step:]
+        if self.config.repeat_gate:
+            inputs["codes_held"] = held_codes(input_ids[:, : input_ids.shape[1] - step], self.config.codebook_size)
         return inputs
 
     def _check_prompt(self, prompt) -> torch.LongTensor:
