@@ -82,9 +82,10 @@ def distinct_codes(model, num_tokens: int, num_samples: int, batch_size: int = 5
 class AblationScorer:
     """Scores model folders against one reference set, remembering every score in ``store`` (a JSON file)."""
 
-    def __init__(self, reference_images: torch.Tensor, reference_name: str, num_samples: int, store: Path):
+    def __init__(self, reference: tuple[torch.Tensor, torch.Tensor], reference_name: str, num_samples: int, store: Path):
         self.vq_model = MergeVQModel.from_pretrained(os.path.join(bundled_model_path(), "vq_model")).eval()
-        self.reference_images, self.reference_name, self.num_samples = reference_images, reference_name, num_samples
+        (self.reference_images, self.reference_labels), self.reference_name = reference, reference_name
+        self.num_samples = num_samples
         self.labels = torch.arange(num_samples) % 10
         self.store = store
         self.scores = json.loads(store.read_text()) if store.is_file() else {}
@@ -118,6 +119,24 @@ class AblationScorer:
 
         return self._remembered(folder, "samples", compute)
 
+    def leak(self, folder: Path) -> dict:
+        """Teacher-forced on the reference images tokenised at K = 16: the mean probability of a code the row does not
+        hold where the true next code is a repeat (what sampling turns into stray codes), and the expected number of
+        new codes per image (the real images hold about 15.7)."""
+        def compute(model):
+            with torch.no_grad():
+                encoded = self.vq_model.encode(self.reference_images[:300], num_tokens=16)
+                codes = encoded.indices.gather(1, encoded.source_map)
+                sequences = torch.cat([model.build_prompt(self.reference_labels[: len(codes)], 16), codes], dim=1)
+                probs = model(input_ids=sequences[:, :-1], use_cache=False).logits[:, 1:].float().softmax(-1)
+            held = torch.zeros_like(probs, dtype=torch.bool)
+            held[:, 1:] = torch.nn.functional.one_hot(codes[:, :-1], probs.shape[-1]).cummax(dim=1).values.bool()
+            new_mass = (probs * ~held).sum(-1)
+            is_repeat = held.gather(2, codes[..., None])[..., 0]
+            return {"new_mass_at_repeats": float(new_mass[is_repeat].mean()), "expected_new_codes": float(new_mass.sum(1).mean())}
+
+        return self._remembered(folder, "leak", compute)
+
     def instruction(self, folder: Path) -> dict:
         """Distinct codes per image generated at each K of ``INSTRUCTION_K`` (guidance off)."""
         return self._remembered(folder, "instruction", lambda model: {f"distinct_k{k}": distinct_codes(model, k, self.num_samples) for k in INSTRUCTION_K})
@@ -131,33 +150,39 @@ def spread(values: list[float], digits: int) -> str:
     return f"{mean:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
 
-def ablation_table(ablations: Path, reference_images: torch.Tensor, reference_name: str, num_samples: int) -> str:
-    scorer = AblationScorer(reference_images, reference_name, num_samples, ablations / "scores.json")
+def ablation_table(ablations: Path, reference: tuple[torch.Tensor, torch.Tensor], reference_name: str, num_samples: int) -> str:
+    """The ablation rows; ``reference`` holds the reference images and their class labels."""
+    scorer = AblationScorer(reference, reference_name, num_samples, ablations / "scores.json")
+    reference_images = reference[0]
     lines = [
         "### Generator ablations on the bundled tokenizer\n",
         f"{num_samples} samples per row at K = 16 (labels cycling over the 10 classes, the same seeds in every row) vs "
         f"{len(reference_images)} {reference_name} images; distinct codes: mean over {num_samples} images generated at each K "
-        "with guidance off and no sampling constraint (a K-token image holds at most K). Several training seeds: the mean "
-        "and, in brackets, the lowest and highest seed.\n",
+        "with guidance off and no sampling constraint (a K-token image holds at most K); leak: teacher-forced on 300 of "
+        "the reference images tokenised at K = 16 (about 15.7 distinct codes each), the mean probability of a code the "
+        "row does not hold where the true next code is a repeat, and the expected number of new codes per image. "
+        "Several training seeds: the mean and, in brackets, the lowest and highest seed.\n",
         "| model | seeds | FD-LeNet, guidance 1 ↓ | class acc., guidance 1 ↑ | FD-LeNet, guidance 2 ↓ | class acc., guidance 2 ↑ | "
-        + " | ".join(f"distinct codes at K={k} (÷K)" for k in INSTRUCTION_K) + " |",
-        "|---|---|---|---|---|---|" + "---|" * len(INSTRUCTION_K),
+        + " | ".join(f"distinct codes at K={k} (÷K)" for k in INSTRUCTION_K) + " | leak at repeats | expected new codes |",
+        "|---|---|---|---|---|---|" + "---|" * (len(INSTRUCTION_K) + 2),
     ]
     for name, runs in ablation_runs(ablations).items():
-        scores = [scorer.samples(run) | scorer.instruction(run) for run in runs]
+        scores = [scorer.samples(run) | scorer.instruction(run) | scorer.leak(run) for run in runs]
         column = lambda field: [score[field] for score in scores]  # noqa: E731
         cells = [spread(column("fd_g1"), 1), spread(column("accuracy_g1"), 3), spread(column("fd_g2"), 1), spread(column("accuracy_g2"), 3)]
         for k in INSTRUCTION_K:
             cells.append(f"{spread(column(f'distinct_k{k}'), 1)} ({sum(column(f'distinct_k{k}')) / len(scores) / k:.2f})")
+        cells += [spread(column("new_mass_at_repeats"), 3), spread(column("expected_new_codes"), 1)]
         seeds = ", ".join(SEED_SUFFIX.search(run.name).group(1) if SEED_SUFFIX.search(run.name) else "–" for run in runs)
         print(f"{name}: {cells}", flush=True)
         lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def curve_table(ablations: Path, reference_images: torch.Tensor, reference_name: str, num_samples: int) -> str:
+def curve_table(ablations: Path, reference: tuple[torch.Tensor, torch.Tensor], reference_name: str, num_samples: int) -> str:
     """FD-LeNet at guidance 1 and 2 after each kept checkpoint, per recipe (seeds averaged)."""
-    scorer = AblationScorer(reference_images, reference_name, num_samples, ablations / "scores.json")
+    scorer = AblationScorer(reference, reference_name, num_samples, ablations / "scores.json")
+    reference_images = reference[0]
     curves = {}
     for name, runs in ablation_runs(ablations).items():
         by_step = defaultdict(list)

@@ -268,9 +268,9 @@ def run(args: argparse.Namespace) -> None:
             write_section(args.write, "alignment", body)
     if parts & {"ablations", "curves"}:
         if args.reference == "heldout":  # training images from index 50,000: no generator trained on them (they use the first 30,000)
-            reference = dataset_to_tensors(load_fashion_mnist("train").select(range(50000, 60000)), 32, num_samples=args.num_generated, seed=0)[0]
+            reference = dataset_to_tensors(load_fashion_mnist("train").select(range(50000, 60000)), 32, num_samples=args.num_generated, seed=0)
         else:
-            reference = test_images[: args.num_generated]
+            reference = test_images[: args.num_generated], test_labels[: args.num_generated]
         for part, table in (("ablations", ablation_table), ("curves", curve_table)):
             if part in parts:
                 body = header.format(part=part) + table(args.ablations, reference, args.reference, args.num_generated)

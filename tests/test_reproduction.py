@@ -244,9 +244,9 @@ def test_ablation_scores_are_remembered_until_the_weights_change(tmp_path, monke
     MergeARForCausalLM(MergeARConfig.from_preset("tiny")).save_pretrained(run)
     calls = []
     monkeypatch.setattr(generators, "distinct_codes", lambda model, k, n: calls.append(k) or float(k))
-    scorer = generators.AblationScorer(torch.zeros(4, 3, 32, 32), "test", 4, tmp_path / "scores.json")
+    scorer = generators.AblationScorer((torch.zeros(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)), "test", 4, tmp_path / "scores.json")
     assert scorer.instruction(run) == {"distinct_k9": 9.0, "distinct_k16": 16.0, "distinct_k25": 25.0}
-    again = generators.AblationScorer(torch.zeros(4, 3, 32, 32), "test", 4, tmp_path / "scores.json")
+    again = generators.AblationScorer((torch.zeros(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)), "test", 4, tmp_path / "scores.json")
     assert again.instruction(run)["distinct_k16"] == 16.0 and calls == [9, 16, 25]  # read back from scores.json
     MergeARForCausalLM(MergeARConfig.from_preset("tiny")).save_pretrained(run)  # retrained: new weights
     again.instruction(run)
