@@ -90,12 +90,12 @@ class AblationScorer:
         self.store = store
         self.scores = json.loads(store.read_text()) if store.is_file() else {}
 
-    def _key(self, folder: Path, what: str) -> str:
+    def _key(self, folder: Path, what: str, reference: str) -> str:
         weights = (folder / "model.safetensors").stat()
-        return f"{folder.resolve()}|{what}|{self.reference_name}|{self.num_samples}|{weights.st_size}|{weights.st_mtime_ns}"
+        return f"{folder.resolve()}|{what}|{reference}|{self.num_samples}|{weights.st_size}|{weights.st_mtime_ns}"
 
-    def _remembered(self, folder: Path, what: str, compute) -> dict:
-        key = self._key(folder, what)
+    def _remembered(self, folder: Path, what: str, compute, uses_reference: bool = True) -> dict:
+        key = self._key(folder, what, self.reference_name if uses_reference else "none")
         if key not in self.scores:
             self.scores[key] = compute(MergeARForCausalLM.from_pretrained(folder).eval())
             self.store.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +139,10 @@ class AblationScorer:
 
     def instruction(self, folder: Path) -> dict:
         """Distinct codes per image generated at each K of ``INSTRUCTION_K`` (guidance off)."""
-        return self._remembered(folder, "instruction", lambda model: {f"distinct_k{k}": distinct_codes(model, k, self.num_samples) for k in INSTRUCTION_K})
+        return self._remembered(
+            folder, "instruction", lambda model: {f"distinct_k{k}": distinct_codes(model, k, self.num_samples) for k in INSTRUCTION_K},
+            uses_reference=False,
+        )
 
 
 def spread(values: list[float], digits: int) -> str:

@@ -1,4 +1,4 @@
-"""MergeAR's decoding machinery: per-sub-token sampling, the token budget and the GC pause of ``generate``.
+"""MergeAR's decoding machinery: per-sub-token sampling, the token budget, the repeat gate and the GC pause of ``generate``.
 
 * :class:`MergeARSampler` is the decoding loop that ``MergeARForCausalLM.generate`` hands to transformers through
   ``generate(custom_generate=...)``, so everything ``generate`` prepares (generation config, logits processors,
@@ -9,7 +9,8 @@
 * :class:`TokenBudget` makes the merge instruction ``K`` a hard limit: once a row holds ``K`` distinct codes it may
   only repeat codes it already produced. :class:`TokenBudgetLogitsProcessor` applies it to full-code scores.
 * :func:`count_tokens_left` counts, at every position, how many new codes the merge instruction still allows (the input
-  of ``MergeARConfig.tokens_left_embedding``).
+  of ``MergeARConfig.tokens_left_embedding``); :func:`held_codes` and :func:`draw_repeats` serve the repeat gate
+  (``MergeARConfig.repeat_gate``), whose restrictions are :class:`TokenBudget`'s.
 * :func:`paused_gc` switches Python's cyclic garbage collector off for the length of a generation: the decode loop
   allocates many short-lived objects, and collections triggered by them cost time without freeing anything useful.
 """
@@ -187,6 +188,10 @@ class MergeARSampler:
 
     "Pick" draws from the softmax when ``do_sample`` (one ``generators[i]`` per row when given), else takes the
     arg-max. Stopping criteria run after each step and may rewrite the newest token in place (the next step reads it).
+
+    With ``config.repeat_gate`` a step first draws the gate (its logit guided like the codes'; greedy: logit > 0);
+    a row that repeats is then restricted as a full budget row is, one that starts a new code may not pick a held
+    code (its high bits exclude those that complete one). Without that the step is as above.
     """
 
     def __init__(self, sampling: str = "sub_token", token_budget: bool = False, generators=None):
