@@ -182,12 +182,16 @@ def ablation_table(ablations: Path, reference: tuple[torch.Tensor, torch.Tensor]
     return "\n".join(lines)
 
 
-def curve_table(ablations: Path, reference: tuple[torch.Tensor, torch.Tensor], reference_name: str, num_samples: int) -> str:
-    """FD-LeNet at guidance 1 and 2 after each kept checkpoint, per recipe (seeds averaged)."""
+def curve_table(
+    ablations: Path, reference: tuple[torch.Tensor, torch.Tensor], reference_name: str, num_samples: int, names: list[str]
+) -> str:
+    """FD-LeNet at guidance 1 and 2 after each kept checkpoint of the rows ``names`` (seeds averaged)."""
     scorer = AblationScorer(reference, reference_name, num_samples, ablations / "scores.json")
     reference_images = reference[0]
     curves = {}
     for name, runs in ablation_runs(ablations).items():
+        if name not in names:
+            continue
         by_step = defaultdict(list)
         for run in runs:
             for step, folder in checkpoints(run).items():

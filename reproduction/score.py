@@ -25,6 +25,7 @@ its bundled counterpart (tokenizers: 1,200 steps x 32 images; raster AR: 1,200 s
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import re
@@ -222,6 +223,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", type=Path, default=Path("outputs/reproduction"), help="folder of `python -m reproduction train` outputs")
     parser.add_argument("--parts", default="tokenizers,generation", help="comma-separated: tokenizers, generation, alignment, ablations, curves")
     parser.add_argument("--ablations", type=Path, default=Path("outputs/ablation"), help="folder of the generator ablations (parts ablations, curves)")
+    parser.add_argument("--curves", default="mergear-steps1200,raster-steps1200", help="curves: comma-separated ablation rows whose checkpoints are scored")
     parser.add_argument("--reference", choices=("heldout", "test"), default="test",
                         help="ablations, curves: compare samples with held-out training images (for choosing) or test images (for reporting)")
     parser.add_argument("--num-test", type=int, default=2000, help="Fashion-MNIST test images scored (fixed subset)")
@@ -271,7 +273,8 @@ def run(args: argparse.Namespace) -> None:
             reference = dataset_to_tensors(load_fashion_mnist("train").select(range(50000, 60000)), 32, num_samples=args.num_generated, seed=0)
         else:
             reference = test_images[: args.num_generated], test_labels[: args.num_generated]
-        for part, table in (("ablations", ablation_table), ("curves", curve_table)):
+        tables = {"ablations": ablation_table, "curves": functools.partial(curve_table, names=args.curves.split(","))}
+        for part, table in tables.items():
             if part in parts:
                 body = header.format(part=part) + table(args.ablations, reference, args.reference, args.num_generated)
                 print(body, flush=True)
