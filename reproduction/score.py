@@ -276,7 +276,8 @@ def run(args: argparse.Namespace) -> None:
         tables = {"ablations": ablation_table, "curves": functools.partial(curve_table, names=args.curves.split(","))}
         for part, table in tables.items():
             if part in parts:
-                body = header.format(part=part) + table(args.ablations, reference, args.reference, args.num_generated)
+                command = f"{part} --reference {args.reference} --num-generated {args.num_generated} --num-test {args.num_test}"
+                body = header.format(part=command) + table(args.ablations, reference, args.reference, args.num_generated)
                 print(body, flush=True)
                 if args.write:
                     write_section(args.write, f"{part}-{args.reference}", body)
