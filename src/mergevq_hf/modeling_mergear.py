@@ -628,7 +628,7 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
             loss, logits = self._code_loss(hidden_states, labels)
             if self.config.repeat_gate:
                 repeat_logits = self.repeat_gate(hidden_states)[..., 0]
-                is_repeat = (~first_occurrence(labels)).to(repeat_logits.dtype)
+                is_repeat = ~first_occurrence(labels)
                 loss = loss + F.binary_cross_entropy_with_logits(repeat_logits.float(), is_repeat.float())
                 logits["repeat_logits"] = repeat_logits
             return MergeARCausalLMOutput(
