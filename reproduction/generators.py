@@ -166,7 +166,7 @@ def ablation_table(ablations: Path, reference: tuple[torch.Tensor, torch.Tensor]
         "row does not hold where the true next code is a repeat, and the expected number of new codes per image. "
         "Several training seeds: the mean and, in brackets, the lowest and highest seed.\n",
         "| model | seeds | FD-LeNet, guidance 1 ↓ | class acc., guidance 1 ↑ | FD-LeNet, guidance 2 ↓ | class acc., guidance 2 ↑ | "
-        + " | ".join(f"distinct codes at K={k} (÷K)" for k in INSTRUCTION_K) + " | leak at repeats | expected new codes |",
+        + " | ".join(f"distinct codes at K={k}; ÷K" for k in INSTRUCTION_K) + " | leak at repeats | expected new codes |",
         "|---|---|---|---|---|---|" + "---|" * (len(INSTRUCTION_K) + 2),
     ]
     for name, runs in ablation_runs(ablations).items():
@@ -174,7 +174,7 @@ def ablation_table(ablations: Path, reference: tuple[torch.Tensor, torch.Tensor]
         column = lambda field: [score[field] for score in scores]  # noqa: E731
         cells = [spread(column("fd_g1"), 1), spread(column("accuracy_g1"), 3), spread(column("fd_g2"), 1), spread(column("accuracy_g2"), 3)]
         for k in INSTRUCTION_K:
-            cells.append(f"{spread(column(f'distinct_k{k}'), 1)} ({sum(column(f'distinct_k{k}')) / len(scores) / k:.2f})")
+            cells.append(f"{spread(column(f'distinct_k{k}'), 1)}; {sum(column(f'distinct_k{k}')) / len(scores) / k:.2f}")
         cells += [spread(column("new_mass_at_repeats"), 3), spread(column("expected_new_codes"), 1)]
         seeds = ", ".join(SEED_SUFFIX.search(run.name).group(1) if SEED_SUFFIX.search(run.name) else "–" for run in runs)
         print(f"{name}: {cells}", flush=True)
