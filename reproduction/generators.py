@@ -104,20 +104,21 @@ class AblationScorer:
             os.replace(staged, self.store)
         return self.scores[key]
 
-    def samples(self, folder: Path, scales: tuple[float, ...] = (1.0, 2.0)) -> dict:
-        """FD-LeNet and class accuracy of samples at K = 16 at each guidance scale (``fd_g2``, ``accuracy_g2``, ...)."""
+    def samples(self, folder: Path, scales: tuple[float, ...] = (1.0, 2.0), num_tokens: int = 16) -> dict:
+        """FD-LeNet and class accuracy of samples at K = ``num_tokens`` at each guidance scale (``fd_g2``, ...)."""
         def compute(model):
             scores = {}
             for guidance in scales:
                 def sample(batch_labels, generator, guidance=guidance):
-                    return self.vq_model.decode(generate_codes(model, batch_labels, guidance, None, generator, num_tokens=16))
+                    return self.vq_model.decode(generate_codes(model, batch_labels, guidance, None, generator, num_tokens=num_tokens))
 
                 row = evaluate_generation(sample, self.labels, self.reference_images, feature_networks=("lenet-fashion",))
                 scores[f"fd_g{guidance:g}"] = row["fd/lenet-fashion"]
                 scores[f"accuracy_g{guidance:g}"] = row["class_accuracy/lenet-fashion"]
             return scores
 
-        return self._remembered(folder, "samples" if scales == (1.0, 2.0) else f"samples{scales}", compute)
+        what = "samples" if (scales, num_tokens) == ((1.0, 2.0), 16) else f"samples{scales}k{num_tokens}"
+        return self._remembered(folder, what, compute)
 
     def leak(self, folder: Path) -> dict:
         """Teacher-forced on the reference images tokenised at K = 16: the mean probability of a code the row does not
@@ -216,26 +217,26 @@ def curve_table(
     return "\n".join(lines)
 
 
-def guidance_table(
+def samples_table(
     ablations: Path, reference: tuple[torch.Tensor, torch.Tensor], reference_name: str, num_samples: int, names: list[str],
-    scales: tuple[float, ...] = (3.0, 4.0),
+    scales: tuple[float, ...], num_tokens: int,
 ) -> str:
-    """FD-LeNet and class accuracy of the rows ``names`` at stronger guidance (seeds averaged)."""
+    """FD-LeNet and class accuracy of the rows ``names`` at other guidance scales or another K (seeds averaged)."""
     scorer = AblationScorer(reference, reference_name, num_samples, ablations / "scores.json")
     lines = [
-        "### Stronger guidance\n",
-        f"{num_samples} samples at K = 16 vs {len(reference[0])} {reference_name} images, FD-LeNet / class accuracy (mean over "
-        "the row's seeds; guidance 1 and 2 are in the table above).\n",
+        f"### Samples at K = {num_tokens}, guidance {', '.join(f'{scale:g}' for scale in scales)}\n",
+        f"{num_samples} samples vs {len(reference[0])} {reference_name} images, FD-LeNet / class accuracy (mean over the "
+        "row's seeds).\n",
         "| model | " + " | ".join(f"guidance {scale:g}" for scale in scales) + " |",
         "|---|" + "---|" * len(scales),
     ]
     for name, runs in ablation_runs(ablations).items():
         if name not in names:
             continue
-        scores = [scorer.samples(run, scales) for run in runs]
+        scores = [scorer.samples(run, scales, num_tokens) for run in runs]
         mean = lambda field: sum(score[field] for score in scores) / len(scores)  # noqa: E731
         lines.append(f"| {name} | " + " | ".join(f"{mean(f'fd_g{scale:g}'):.1f} / {mean(f'accuracy_g{scale:g}'):.3f}" for scale in scales) + " |")
     return "\n".join(lines)
 
 
-__all__ = ["AblationScorer", "ablation_runs", "ablation_table", "checkpoints", "curve_table", "distinct_codes", "generate_codes", "guidance_table", "spread"]
+__all__ = ["AblationScorer", "ablation_runs", "ablation_table", "checkpoints", "curve_table", "distinct_codes", "generate_codes", "samples_table", "spread"]

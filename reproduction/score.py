@@ -45,7 +45,7 @@ from mergevq_hf.evaluation.sampling import batch_generator
 from mergevq_hf.training import load_fashion_mnist
 
 from .alignment import alignment_table
-from .generators import ablation_table, curve_table, generate_codes, guidance_table
+from .generators import ablation_table, curve_table, generate_codes, samples_table
 from .grid_vq import GridVQTokenizer
 
 FEATURES = ("lenet-fashion", "mobilenet_v2")
@@ -221,12 +221,12 @@ def write_section(results_file: Path, part: str, body: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", type=Path, default=Path("outputs/reproduction"), help="folder of `python -m reproduction train` outputs")
-    parser.add_argument("--parts", default="tokenizers,generation", help="comma-separated: tokenizers, generation, alignment, ablations, curves, guidance")
-    parser.add_argument("--ablations", type=Path, default=Path("outputs/ablation"), help="folder of the generator ablations (parts ablations, curves, guidance)")
+    parser.add_argument("--parts", default="tokenizers,generation", help="comma-separated: tokenizers, generation, alignment, ablations, curves, guidance, k25")
+    parser.add_argument("--ablations", type=Path, default=Path("outputs/ablation"), help="folder of the generator ablations (parts ablations, curves, guidance, k25)")
     parser.add_argument("--curves", default="mergear-steps1200,raster-steps1200", help="curves: comma-separated ablation rows whose checkpoints are scored")
-    parser.add_argument("--guidance-rows", default="bundled MergeAR", help="guidance: comma-separated ablation rows scored at guidance 3 and 4")
+    parser.add_argument("--sample-rows", default="bundled MergeAR", help="guidance, k25: comma-separated ablation rows scored at guidance 3 and 4 (K = 16), or at K = 25")
     parser.add_argument("--reference", choices=("heldout", "test"), default="test",
-                        help="ablations, curves, guidance: compare samples with held-out training images (for choosing) or test images (for reporting)")
+                        help="ablations, curves, guidance, k25: compare samples with held-out training images (for choosing) or test images (for reporting)")
     parser.add_argument("--num-test", type=int, default=2000, help="Fashion-MNIST test images scored (fixed subset)")
     parser.add_argument("--num-probe-train", type=int, default=10000, help="train images for the linear probe and k-NN")
     parser.add_argument("--num-generated", type=int, default=1000, help="samples per generation row")
@@ -238,8 +238,8 @@ def run(args: argparse.Namespace) -> None:
     """Score the trained models and print (and with ``--write``, write) each part's tables."""
     torch.set_num_threads(1)
     parts = set(args.parts.split(","))
-    if not parts <= {"tokenizers", "generation", "alignment", "ablations", "curves", "guidance"}:
-        raise SystemExit(f"--parts takes tokenizers, generation, alignment, ablations, curves and/or guidance, got {args.parts!r}")
+    if not parts <= {"tokenizers", "generation", "alignment", "ablations", "curves", "guidance", "k25"}:
+        raise SystemExit(f"--parts takes tokenizers, generation, alignment, ablations, curves, guidance and/or k25, got {args.parts!r}")
     if args.num_generated > args.num_test:
         raise SystemExit(f"--num-generated ({args.num_generated}) cannot exceed --num-test ({args.num_test}): the reference set is that many test images")
 
@@ -269,7 +269,7 @@ def run(args: argparse.Namespace) -> None:
         print(body, flush=True)
         if args.write:
             write_section(args.write, "alignment", body)
-    if parts & {"ablations", "curves", "guidance"}:
+    if parts & {"ablations", "curves", "guidance", "k25"}:
         if args.reference == "heldout":  # training images from index 50,000: no generator trained on them (they use the first 30,000)
             reference = dataset_to_tensors(load_fashion_mnist("train").select(range(50000, 60000)), 32, num_samples=args.num_generated, seed=0)
         else:
@@ -277,7 +277,9 @@ def run(args: argparse.Namespace) -> None:
         tables = {
             "ablations": ablation_table,
             "curves": functools.partial(curve_table, names=args.curves.split(",")),
-            "guidance": functools.partial(guidance_table, names=args.guidance_rows.split(",")),
+            # Stronger guidance at K = 16, and K = 25 (what an unconstrained generator's ~30 codes are closer to).
+            "guidance": functools.partial(samples_table, names=args.sample_rows.split(","), scales=(3.0, 4.0), num_tokens=16),
+            "k25": functools.partial(samples_table, names=args.sample_rows.split(","), scales=(1.0, 2.0), num_tokens=25),
         }
         for part, table in tables.items():
             if part in parts:

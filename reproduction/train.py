@@ -92,7 +92,6 @@ RECIPES: dict[str, Recipe] = {
     # An explicit repeat-or-new choice at every step (docs/design.md §3.3), alone and with the tokens-left embedding.
     "mergear-gate": _ablation("repeat gate: a binary head chooses between repeating a held code and a new one", repeat_gate=True),
     "mergear-gate-left": _ablation("repeat gate and tokens-left embedding", repeat_gate=True, tokens_left_embedding=True),
-    "mergear-gate-left-w8": _ablation("repeat gate, tokens-left embedding and W = 8", repeat_gate=True, tokens_left_embedding=True, repeat_window=8),
     "randar": _ablation("random order (MergeRandAR) with the bundled recipe", mode="random"),
     "randar-ls0": _ablation("random order (MergeRandAR), label smoothing 0", mode="random", label_smoothing=0.0),
 }

@@ -200,7 +200,7 @@ def test_train_calls_each_training_module_in_order(monkeypatch, repo_root):
 
 
 def test_score_checks_its_options_before_loading_data():
-    with pytest.raises(SystemExit, match="--parts takes tokenizers, generation, alignment, ablations, curves and/or guidance"):
+    with pytest.raises(SystemExit, match="--parts takes tokenizers, generation, alignment, ablations, curves, guidance and/or k25"):
         reproduction_main(["score", "--parts", "tokenizers,images"])
 
 
