@@ -98,8 +98,11 @@ class AblationScorer:
         key = self._key(folder, what, self.reference_name if uses_reference else "none")
         if key not in self.scores:
             self.scores[key] = compute(MergeARForCausalLM.from_pretrained(folder).eval())
+            # Another scorer may have written since this one read the file: keep its scores too.
+            if self.store.is_file():
+                self.scores = json.loads(self.store.read_text()) | self.scores
             self.store.parent.mkdir(parents=True, exist_ok=True)
-            staged = self.store.with_suffix(".tmp")
+            staged = self.store.with_suffix(f".tmp{os.getpid()}")
             staged.write_text(json.dumps(self.scores, indent=1))
             os.replace(staged, self.store)
         return self.scores[key]
