@@ -16,8 +16,11 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 def first_occurrence(tokens: torch.Tensor) -> torch.Tensor:
     """``[B, N]`` codes -> ``[B, N]`` bool, True where a code appears for the first time in its row."""
-    same = tokens[:, :, None] == tokens[:, None, :]
-    return ~same.tril(-1).any(-1)
+    # A value's first occurrence is the first of its run in a stable sort: O(N log N) rather than an N x N comparison.
+    ordered, order = tokens.sort(dim=1, stable=True)
+    first_in_order = torch.ones_like(ordered, dtype=torch.bool)
+    first_in_order[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    return torch.empty_like(first_in_order).scatter_(1, order, first_in_order)
 
 
 def sparse_causal_mask(keep: torch.Tensor, window: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 from transformers import LogitsProcessor
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from .cache_mergear import first_occurrence
 from .quantization_lfq import merge_indices, split_indices
 from .sampling_utils import check_generators, sample_rows
 
@@ -58,21 +59,21 @@ def count_tokens_left(input_ids: torch.Tensor, config) -> torch.Tensor:
     codes up to and including each position, at least 0 (K itself at the two prompt positions)."""
     merge_base = config.codebook_size + config.num_classes + 1
     num_tokens = input_ids[:, 1:2] - merge_base
-    codes = input_ids[:, PROMPT_LENGTH:]
-    # A code's first occurrence is the first of its run in a stable sort.
-    ordered, order = codes.sort(dim=1, stable=True)
-    first_in_order = torch.ones_like(ordered, dtype=torch.bool)
-    first_in_order[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-    first = torch.empty_like(first_in_order).scatter_(1, order, first_in_order)
-    left = (num_tokens - first.cumsum(1)).clamp(min=0)
+    left = (num_tokens - first_occurrence(input_ids[:, PROMPT_LENGTH:]).cumsum(1)).clamp(min=0)
     return torch.cat([num_tokens.expand(-1, PROMPT_LENGTH), left], dim=1)
+
+
+def value_mask(values: torch.Tensor, size: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, n]`` values in ``[0, size)`` -> ``[B, size]`` bool, True at every value of the row (only where ``keep``)."""
+    if keep is not None:  # unkept entries land in an extra column that is dropped
+        values = torch.where(keep, values, size)
+    mask = torch.zeros(values.shape[0], size + 1, dtype=torch.bool, device=values.device)
+    return mask.scatter_(1, values, True)[:, :size]
 
 
 def held_codes(input_ids: torch.Tensor, codebook_size: int) -> torch.Tensor:
     """``[B, 2 + t]`` sequences -> ``[B, V]`` bool: True at every code the row holds (``MergeARConfig.repeat_gate``)."""
-    codes = input_ids[:, PROMPT_LENGTH:]
-    held = torch.zeros(codes.shape[0], codebook_size, dtype=torch.bool, device=codes.device)
-    return held.scatter_(1, codes, True)
+    return value_mask(input_ids[:, PROMPT_LENGTH:], codebook_size)
 
 
 def draw_repeats(gate_logits: torch.Tensor, do_sample: bool, generators=None) -> torch.Tensor:
@@ -103,46 +104,38 @@ class TokenBudget:
         codes = input_ids[:, PROMPT_LENGTH:]
         return codes, distinct_counts(codes) >= input_ids[:, 1] - self.merge_base
 
-    @staticmethod
-    def _allowed(values, size, keep=None):
-        # [B, size] bool: True at every value of the row (where `keep`); unkept entries land in a dropped column.
-        if keep is not None:
-            values = torch.where(keep, values, size)
-        allowed = torch.zeros(values.shape[0], size + 1, dtype=torch.bool, device=values.device)
-        return allowed.scatter_(1, values, True)[:, :size]
-
     def restrict_codes(self, held, scores):
         """``[B, V]`` full-code scores (dense head or exact joint) -> scores with forbidden codes at ``-inf``."""
         codes, full = held
-        forbidden = full[:, None] & ~self._allowed(codes, self.codebook_size)
+        forbidden = full[:, None] & ~value_mask(codes, self.codebook_size)
         return scores.masked_fill(forbidden, float("-inf"))
 
     def restrict_low(self, held, scores):
         """``[B, 2**low_bits]`` scores: a full row may only pick the low bits of a code it holds."""
         codes, full = held
         low, _ = split_indices(codes, self.low_bits)
-        forbidden = full[:, None] & ~self._allowed(low, scores.shape[1])
+        forbidden = full[:, None] & ~value_mask(low, scores.shape[1])
         return scores.masked_fill(forbidden, float("-inf"))
 
     def restrict_high(self, held, scores, low):
         """``[B, 2**high_bits]`` scores: given the chosen ``[B]`` low bits, only a held code's high bits."""
         codes, full = held
         held_low, held_high = split_indices(codes, self.low_bits)
-        forbidden = full[:, None] & ~self._allowed(held_high, scores.shape[1], held_low == low[:, None])
+        forbidden = full[:, None] & ~value_mask(held_high, scores.shape[1], held_low == low[:, None])
         return scores.masked_fill(forbidden, float("-inf"))
 
     # The repeat gate's other branch: rows that start a new code may not pick one they hold.
     def exclude_codes(self, held, scores):
         """``[B, V]`` full-code scores -> scores with the held codes of the ``held`` rows at ``-inf``."""
         codes, rows = held
-        return scores.masked_fill(rows[:, None] & self._allowed(codes, self.codebook_size), float("-inf"))
+        return scores.masked_fill(rows[:, None] & value_mask(codes, self.codebook_size), float("-inf"))
 
     def exclude_high(self, held, scores, low):
         """``[B, 2**high_bits]`` scores: given the chosen low bits, no high bits that complete a held code (unless
         every value does: that row then repeats)."""
         codes, rows = held
         held_low, held_high = split_indices(codes, self.low_bits)
-        taken = self._allowed(held_high, scores.shape[1], held_low == low[:, None])
+        taken = value_mask(held_high, scores.shape[1], held_low == low[:, None])
         rows = rows & ~taken.all(1)
         return scores.masked_fill(rows[:, None] & taken, float("-inf"))
 
