@@ -5,6 +5,9 @@ Reproduction models (:mod:`reproduction.score` compares them) get the budget and
 lr 4e-4, GAN from step 400; the raster AR 1,200 steps x 64 images, lr 1e-3, on the bundled tokenizer. They go to
 ``outputs/reproduction/NAME``, or ``NAME-seedN`` for a seed other than 0.
 
+Source recoveries (``recovery-*``) are rebuilt with token positions on the bundled tokenizer's frozen codes of the
+generators' 30,000 images; ``benchmarks/bench_randar.py recon`` and ``generation`` score them.
+
 Generator ablations change one thing at a time in the bundled MergeAR's recipe, over ``--steps`` (default 1,200)
 with a checkpoint every quarter; they go to ``outputs/ablation/NAME-stepsS-seedN``.
 
@@ -25,6 +28,7 @@ BUNDLED_TOKENIZER = "src/mergevq_hf/pretrained/mergevq-fashion-mnist-tiny/vq_mod
 TOKENIZER_TRAINER = "mergevq_hf.training.train_tokenizer"
 GRID_VQ_TRAINER = "reproduction.grid_vq"
 MERGEAR_TRAINER = "mergevq_hf.training.train_mergear"
+RECOVERY_TRAINER = "mergevq_hf.training.train_source_recovery"
 DEFAULT_ABLATION_STEPS = 1200
 
 # The bundled MergeAR's size; the ablations and the raster AR change other fields on top of it.
@@ -42,6 +46,11 @@ GENERATOR_DATA = (
 GENERATOR_BUDGET = GENERATOR_DATA + (
     "--max_steps", "1200", "--per_device_train_batch_size", "64", "--learning_rate", "1e-3", "--logging_steps", "50",
     "--save_steps", "250", "--save_total_limit", "2",
+)
+# Source recoveries are trained on the bundled tokenizer's frozen codes of the generators' images; steps come with each.
+RECOVERY_BUDGET = GENERATOR_DATA + (
+    "--per_device_train_batch_size", "128", "--learning_rate", "1e-3", "--logging_steps", "50", "--save_steps", "300",
+    "--save_total_limit", "2", "--eval_samples", "0",
 )
 
 
@@ -62,6 +71,12 @@ def _tokenizer_at(k: int) -> Recipe:
 def _ablation(summary: str, mode: str = "raster", **fields) -> Recipe:
     arguments = ("--tokenizer", BUNDLED_TOKENIZER, "--generation_mode", mode, "--preset", "tiny", "--config_overrides", json.dumps({**MERGEAR_SIZE, **fields}))
     return Recipe(summary, MERGEAR_TRAINER, arguments, ablation=True)
+
+
+def _recovery(summary: str, width: int, blocks: int, heads: int, steps: int) -> Recipe:
+    arguments = ("--tokenizer", BUNDLED_TOKENIZER, "--with_positions", "true", "--hidden_size", str(width), "--num_layers", str(blocks),
+                 "--num_heads", str(heads), "--max_steps", str(steps))
+    return Recipe(f"source recovery with positions, {summary}", RECOVERY_TRAINER, arguments)
 
 
 RECIPES: dict[str, Recipe] = {
@@ -92,6 +107,9 @@ RECIPES: dict[str, Recipe] = {
     # An explicit repeat-or-new choice at every step (docs/design.md §3.3), alone and with the tokens-left embedding.
     "mergear-gate": _ablation("repeat gate: a binary head chooses between repeating a held code and a new one", repeat_gate=True),
     "mergear-gate-left": _ablation("repeat gate and tokens-left embedding", repeat_gate=True, tokens_left_embedding=True),
+    # Position-aware source recoveries for random order (docs/design.md §1.5), rebuilt on the bundled tokenizer.
+    "recovery-h96-l2": _recovery("width 96, 2 blocks (0.33M parameters), 900 steps", 96, 2, 4, 900),
+    "recovery-h192-l3": _recovery("width 192, 3 blocks (1.9M: the paper's 7M scaled by L = 64 / 256), 2,400 steps", 192, 3, 6, 2400),
     "randar": _ablation("random order (MergeRandAR) with the bundled recipe", mode="random"),
     "randar-ls0": _ablation("random order (MergeRandAR), label smoothing 0", mode="random", label_smoothing=0.0),
 }
@@ -99,7 +117,7 @@ RECIPES: dict[str, Recipe] = {
 
 def describe_recipes() -> str:
     """The known names and what each trains, for ``--help`` and error messages."""
-    lines = ["models of the reproduction table (outputs/reproduction/NAME[-seedN]):"]
+    lines = ["models of the reproduction table and source recoveries (outputs/reproduction/NAME[-seedN]):"]
     lines += [f"  {name:16} {recipe.summary}" for name, recipe in RECIPES.items() if not recipe.ablation]
     lines.append("generator ablations (outputs/ablation/NAME-stepsS-seedN):")
     lines += [f"  {name:16} {recipe.summary}" for name, recipe in RECIPES.items() if recipe.ablation]
@@ -133,7 +151,7 @@ def training_job(name: str, seed: int = 0, steps: int | None = None, resume: boo
         if steps is not None:
             raise ValueError(f"--steps applies to the generator ablations only: {name} is trained at the table's fixed budget")
         output_dir = f"outputs/reproduction/{name}" + (f"-seed{seed}" if seed else "")
-        budget = GENERATOR_BUDGET if recipe.trainer == MERGEAR_TRAINER else TOKENIZER_BUDGET
+        budget = {MERGEAR_TRAINER: GENERATOR_BUDGET, RECOVERY_TRAINER: RECOVERY_BUDGET}.get(recipe.trainer, TOKENIZER_BUDGET)
     arguments = ["--output_dir", output_dir, *recipe.arguments, *budget, "--seed", str(seed), "--use_cpu", "--disable_tqdm", "true"]
     if resume:
         arguments += ["--resume_from_checkpoint", "last"]

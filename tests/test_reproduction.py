@@ -10,6 +10,7 @@ from diffusers import VQModel
 
 from mergevq_hf import MergeVQConfig, MergeVQModel
 from mergevq_hf.configuration_randar import MergeRandARConfig
+from mergevq_hf.training.train_source_recovery import build_recovery
 from mergevq_hf.training.trainer_mergear import mergear_config_for_tokenizer
 from reproduction import train
 from reproduction.__main__ import main as reproduction_main
@@ -139,6 +140,12 @@ def test_every_recipe_parses_with_its_trainer_and_builds_a_valid_config(repo_roo
         assert training_args.output_dir == job.arguments[1] and training_args.use_cpu, name
         if job.trainer == "reproduction.grid_vq":
             build_vq_model(model_args.grid_size)
+            continue
+        if job.trainer == "mergevq_hf.training.train_source_recovery":  # the module it builds on the bundled tokenizer
+            tokenizer = MergeVQModel.from_pretrained(repo_root / BUNDLED_TOKENIZER)
+            recovery = build_recovery(tokenizer, model_args)
+            assert model_args.with_positions and recovery.token_position_embed is not None, name
+            assert recovery.code_embed.out_features == model_args.hidden_size == tokenizer.config.source_recovery_hidden_size, name
             continue
         overrides = json.loads(model_args.config_overrides or "{}")
         if name.startswith("tokenizer-"):  # the bundled tokenizer's recipe, one alignment recipe or the other

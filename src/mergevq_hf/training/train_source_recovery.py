@@ -38,7 +38,7 @@ from .trainer_mergear import MergeARTokenDataset, MergeARTrainer, pretokenize
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SourceRecoveryTokenDataset", "SourceRecoveryTrainingModel", "collate_source_maps", "main", "source_map_accuracy"]
+__all__ = ["SourceRecoveryTokenDataset", "SourceRecoveryTrainingModel", "collate_source_maps", "main", "parse_args", "source_map_accuracy"]
 
 
 @dataclass
@@ -150,11 +150,14 @@ def build_recovery(tokenizer: MergeVQModel, args: RecoveryArguments) -> SourceRe
     return recovery
 
 
+def parse_args(argv: list[str] | None = None):
+    parser = HfArgumentParser((RecoveryArguments, DataArguments, SourceRecoveryTrainingArguments))
+    return parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+
+
 def main(argv: list[str] | None = None):
     """Train, evaluate per K, and write the tokenizer with its new recovery; ``None`` when the run was finished."""
-    parser = HfArgumentParser((RecoveryArguments, DataArguments, SourceRecoveryTrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    recovery_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
+    recovery_args, data_args, args = parse_args(argv)
     resume, finished = start_run(args, logger)
     if finished:
         return None
