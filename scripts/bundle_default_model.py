@@ -34,7 +34,7 @@ from mergevq_hf.training.data import load_fashion_mnist
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "src" / "mergevq_hf" / "pretrained" / BUNDLED_MODEL_NAME
 
 
-def evaluate(pipe, num_reconstruction, num_generated, guidance_scale, seed):
+def evaluate(pipe, num_reconstruction, num_generated, guidance_scales, seed):
     test = load_fashion_mnist("test")
     config = pipe.vq_model.config
     reconstruction = evaluate_reconstruction_rows(pipe.vq_model, num_reconstruction, seed)
@@ -43,7 +43,7 @@ def evaluate(pipe, num_reconstruction, num_generated, guidance_scale, seed):
     labels = torch.arange(pipe.transformer.config.num_classes).repeat_interleave(per_class)
     reference, reference_labels = dataset_to_tensors(test, config.image_size, num_samples=len(labels), seed=seed + 1)
     generation = {}
-    for scale in (None, guidance_scale):
+    for scale in (None, *guidance_scales):
         name = "no_guidance" if scale is None else f"guidance_{scale:g}"
         sample_fn = pipeline_sample_fn(pipe, guidance_scale=scale)
         generation[name] = evaluate_generation(sample_fn, labels, reference, feature_networks=("lenet-fashion",),
@@ -79,8 +79,9 @@ def inception_text(metrics):
 
 
 def reconstruction_table_rows(metrics):
+    num_patches = max(r["num_tokens"] for r in metrics["reconstruction"])
     return "\n".join(
-        f"| {r['num_tokens']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['fd/lenet-fashion']:.1f} | {r['codebook_usage']:.3f} |"
+        f"| {r['num_tokens']}{' (no merging)' if r['num_tokens'] == num_patches else ''} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['fd/lenet-fashion']:.1f} | {r['codebook_usage']:.3f} |"
         for r in metrics["reconstruction"]
     )
 
@@ -96,7 +97,7 @@ def update_reconstruction(output, seed):
     print(inception_text(metrics))
 
 
-def card_text(metrics, commands):
+def card_text(metrics, commands, transformer_config):
     rec_rows = reconstruction_table_rows(metrics)
     gen_rows = "\n".join(
         f"| {name} | {g['fd/lenet-fashion']:.1f} | {g['class_accuracy/lenet-fashion']:.3f} | {g['is_like/lenet-fashion']:.2f} "
@@ -104,6 +105,8 @@ def card_text(metrics, commands):
         for name, g in metrics["generation"].items()
     )
     real = metrics["real_test_images"]
+    c = transformer_config
+    bits = "+".join(map(str, c.factorized_bits)) if c.factorized_bits else str(c.codebook_bits)
     return f"""
 # MergeVQ + MergeAR, tiny, Fashion-MNIST 32×32
 
@@ -114,10 +117,14 @@ not a reproduction of the paper's ImageNet numbers.
 - `vq_model`: MergeVQ tokenizer, preset `tiny` (32×32 images, f4 CNN stem, L = 64 tokens merged to K ∈ {{9, 16, 25, 36}}
   during training, 10-bit LFQ codes), MobileNetV2 perceptual loss and alignment teacher, PatchGAN discriminator,
   EMA weights exported.
-- `transformer`: MergeAR (4 layers, d = 128, factorised 4+6-bit head) on the tokenizer's raster codes, K ∈ {{9, 16, 25}}.
+- `transformer`: MergeAR ({c.num_hidden_layers} layers, d = {c.hidden_size}, factorised {bits}-bit head, repeat window
+  W = {c.repeat_window}) on the tokenizer's raster codes, K ∈ {{9, 16, 25}}.
 - Data: Fashion-MNIST (Zalando, MIT) from the Debian package `dataset-fashion-mnist`, padded 28 → 32, gray → RGB.
 
 ## How it was trained
+
+With `scripts/train_bundled_tokenizer.sh` then `scripts/train_bundled_mergear.sh` (each resumable with `RESUME=1`),
+on a shared 2-core CPU, one thread each. The commands they run:
 
 ```bash
 {commands}
@@ -139,7 +146,7 @@ Reconstruction through K merged tokens (true source maps):
 PSNR and SSIM are per image, averaged, on images mapped to [0, 1] (torchmetrics, 11×11 Gaussian window, σ = 1.5),
 as the field reports them.
 {inception_text(metrics)}
-Class-conditional generation ({metrics['num_generated']} samples, equal per class; temperature 1, no top-k/top-p):
+Class-conditional generation ({metrics['num_generated']} samples, equal per class; temperature 1, no top-k/top-p; the pipeline's default is guidance 2):
 
 | sampling | FD-LeNet | class accuracy | IS-like (max 10) | precision / recall |
 |---|---|---|---|---|
@@ -160,7 +167,8 @@ def main(argv=None):
     parser.add_argument("--train-commands", type=Path, nargs="*", default=[])
     parser.add_argument("--num-reconstruction", type=int, default=1000)
     parser.add_argument("--num-generated", type=int, default=500)
-    parser.add_argument("--guidance-scale", type=float, default=2.0)
+    parser.add_argument("--guidance-scales", type=float, nargs="+", default=[2.0, 3.0],
+                        help="guided rows of the card besides no guidance (the pipeline's default is 2)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -175,7 +183,7 @@ def main(argv=None):
     )
     pipe.transformer.generation_config.pad_token_id = 0
     reconstruction, generation, real = evaluate(pipe, args.num_reconstruction, args.num_generated,
-                                                args.guidance_scale, args.seed)
+                                                args.guidance_scales, args.seed)
     metrics = {
         "num_reconstruction": args.num_reconstruction,
         "num_generated": args.num_generated,
@@ -192,6 +200,9 @@ def main(argv=None):
         if line and not line.startswith(("#", "cd ", "export "))
     )
     pipe.save_pretrained(args.output)
+    # The package resolves these classes itself; the modeling-code copies save_pretrained adds would only duplicate it.
+    for code_copy in args.output.glob("*/*.py"):
+        code_copy.unlink()
     (args.output / "metrics.json").write_text(json.dumps(metrics, indent=2))
     card = ModelCard.from_template(
         ModelCardData(
@@ -199,7 +210,7 @@ def main(argv=None):
             tags=["mergevq", "mergear", "class-conditional-image-generation", "arxiv:2504.00999"],
             datasets=["zalando-datasets/fashion_mnist"],
         ),
-        template_str="---\n{{ card_data }}\n---\n" + card_text(metrics, commands),
+        template_str="---\n{{ card_data }}\n---\n" + card_text(metrics, commands, pipe.transformer.config),
     )
     card.save(args.output / "README.md")
     print(json.dumps(metrics, indent=2))
