@@ -1,6 +1,6 @@
 """Random-order generation (MergeRandAR) vs raster MergeAR, and the cost of predicted source maps.
 
-Three parts, each printing a markdown table (benchmarks/RESULTS_randar.md holds the figures):
+Three parts, each printing a markdown table (benchmarks/RESULTS.md, "Random-order generation", holds the figures):
 
 * ``speed``: decoding steps per image (K for MergeRandAR, L for MergeAR) and images/s, same backbone sizes, random
   weights, batched CFG, on this machine's CPU (or ``--device``). MergeAR runs ``generate`` with its
@@ -10,13 +10,14 @@ Three parts, each printing a markdown table (benchmarks/RESULTS_randar.md holds 
   map vs the source map that the learned source recovery predicts from the K codes alone (what random-order
   generation has to use). PSNR, FD on the Fashion-MNIST LeNet (rFID-style), and how many positions get their
   true parent. Paper, ImageNet G+R: rFID 1.48 (true) -> 1.71 (predicted).
-* ``generation --tokenizer DIR --mergear DIR --randar DIR``: FD and class accuracy (LeNet) of class-conditional
-  samples of both generators on the same tokenizer, against Fashion-MNIST test images.
+* ``generation --tokenizer DIR --mergear DIR... --randar DIR...``: FD and class accuracy (LeNet) of class-conditional
+  samples of both generators on the same tokenizer, against Fashion-MNIST test images; one folder per training seed,
+  scored with the same sample seeds, then the mean and (lowest-highest) over seeds.
 
 Usage:
     python benchmarks/bench_randar.py speed [--threads N]
     python benchmarks/bench_randar.py recon --tokenizer src/mergevq_hf/pretrained/mergevq-fashion-mnist-tiny/vq_model
-    python benchmarks/bench_randar.py generation --tokenizer T --mergear M --randar R [--num-samples 2000]
+    python benchmarks/bench_randar.py generation --tokenizer T --mergear M0 M1 --randar R0 R1 [--num-samples 2000]
 """
 
 import argparse
@@ -116,6 +117,12 @@ def recon(args):
             print(f"| {num_tokens} | {kind} | {score:.2f} | {fd:.2f} | {float(torch.cat(agreement[kind]).mean()):.3f} |")
 
 
+def mean_and_spread(values: list[float], digits: int) -> str:
+    """``mean`` for one seed, ``mean (lowest-highest)`` for several."""
+    mean = f"{sum(values) / len(values):.{digits}f}"
+    return mean if len(values) == 1 else f"{mean} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
 @torch.no_grad()
 def generation(args):
     from mergevq_hf import MergeVQPipeline
@@ -125,25 +132,30 @@ def generation(args):
     images, _ = fashion_test_images(vq_model.config.image_size, args.num_samples)
     labels = torch.arange(args.num_samples) % 10
     print(f"{args.num_samples} samples per model (labels cycling over the 10 classes) vs {len(images)} test images, "
-          f"K = {args.num_tokens or 'default'}, guidance scale {args.guidance_scale}\n")
-    print("| generator | steps / image | FD-LeNet | class accuracy (LeNet) | images/s |")
-    print("|---|---|---|---|---|")
-    for name, path, model_class, extra in [
-        ("MergeAR (raster)", args.mergear, MergeARForCausalLM, {}),
-        ("MergeRandAR (random order)", args.randar, MergeRandARForCausalLM, {}),
-        ("MergeRandAR, linear CFG", args.randar, MergeRandARForCausalLM, {"guidance_schedule": "linear"}),
-    ]:
-        transformer = model_class.from_pretrained(path).eval().to(args.device)
-        pipe = MergeVQPipeline(vq_model=vq_model, transformer=transformer)
-        sample_fn = pipeline_sample_fn(pipe, num_tokens=args.num_tokens, guidance_scale=args.guidance_scale, **extra)
-        start = time.perf_counter()
-        result = evaluate_generation(sample_fn, labels, images, feature_networks=("lenet-fashion",),
-                                     batch_size=args.batch_size, device=args.device)
-        rate = args.num_samples / (time.perf_counter() - start)
+          f"K = {args.num_tokens or 'default'}, guidance scale {args.guidance_scale}; several folders: one per training "
+          "seed, mean (lowest-highest)\n")
+    print("| generator | seeds | steps / image | FD-LeNet | class accuracy (LeNet) | images/s |")
+    print("|---|---|---|---|---|---|")
+    rows = [("MergeAR (raster)", args.mergear, MergeARForCausalLM, {}),
+            ("MergeRandAR (random order)", args.randar, MergeRandARForCausalLM, {})]
+    if args.linear_schedule:
+        rows.append(("MergeRandAR, linear CFG", args.randar, MergeRandARForCausalLM, {"guidance_schedule": "linear"}))
+    for name, paths, model_class, extra in rows:
+        scores = {"fd": [], "accuracy": [], "rate": []}
+        for path in paths:
+            transformer = model_class.from_pretrained(path).eval().to(args.device)
+            pipe = MergeVQPipeline(vq_model=vq_model, transformer=transformer)
+            sample_fn = pipeline_sample_fn(pipe, num_tokens=args.num_tokens, guidance_scale=args.guidance_scale, **extra)
+            start = time.perf_counter()
+            result = evaluate_generation(sample_fn, labels, images, feature_networks=("lenet-fashion",),
+                                         batch_size=args.batch_size, device=args.device)
+            scores["rate"].append(args.num_samples / (time.perf_counter() - start))
+            scores["fd"].append(result["fd/lenet-fashion"])
+            scores["accuracy"].append(result["class_accuracy/lenet-fashion"])
         k = args.num_tokens or transformer.config.num_tokens
         steps = k if pipe.generation_mode == "random" else transformer.config.num_patches
-        print(f"| {name} | {steps} | {result['fd/lenet-fashion']:.2f} | "
-              f"{result['class_accuracy/lenet-fashion']:.3f} | {rate:.1f} |")
+        print(f"| {name} | {len(paths)} | {steps} | {mean_and_spread(scores['fd'], 2)} | "
+              f"{mean_and_spread(scores['accuracy'], 3)} | {sum(scores['rate']) / len(paths):.1f} |")
 
 
 def main():
@@ -165,8 +177,9 @@ def main():
     part.add_argument("--batch-size", type=int, default=250)
     part = parts.add_parser("generation")
     part.add_argument("--tokenizer", required=True)
-    part.add_argument("--mergear", required=True)
-    part.add_argument("--randar", required=True)
+    part.add_argument("--mergear", nargs="+", required=True, help="MergeAR folders, one per training seed")
+    part.add_argument("--randar", nargs="+", required=True, help="MergeRandAR folders, one per training seed")
+    part.add_argument("--linear-schedule", action="store_true", help="also MergeRandAR with a linear guidance schedule")
     part.add_argument("--num-tokens", type=int, default=None)
     part.add_argument("--num-samples", type=int, default=2000)
     part.add_argument("--batch-size", type=int, default=100)

@@ -107,6 +107,8 @@ RECIPES: dict[str, Recipe] = {
     # An explicit repeat-or-new choice at every step (docs/design.md §3.3), alone and with the tokens-left embedding.
     "mergear-gate": _ablation("repeat gate: a binary head chooses between repeating a held code and a new one", repeat_gate=True),
     "mergear-gate-left": _ablation("repeat gate and tokens-left embedding", repeat_gate=True, tokens_left_embedding=True),
+    "mergear-gate-left-w8": _ablation("repeat gate and tokens-left embedding with W = 8 (one grid row)", repeat_gate=True,
+                                      tokens_left_embedding=True, repeat_window=8),
     # Position-aware source recoveries for random order (docs/design.md §1.5), rebuilt on the bundled tokenizer.
     "recovery-h96-l2": _recovery("width 96, 2 blocks (0.33M parameters), 900 steps", 96, 2, 4, 900),
     "recovery-h192-l3": _recovery("width 192, 3 blocks (1.9M: the paper's 7M scaled by L = 64 / 256), 2,400 steps", 192, 3, 6, 2400),
