@@ -49,7 +49,7 @@ GENERATOR_BUDGET = GENERATOR_DATA + (
 )
 # Source recoveries are trained on the bundled tokenizer's frozen codes of the generators' images; steps come with each.
 RECOVERY_BUDGET = GENERATOR_DATA + (
-    "--per_device_train_batch_size", "128", "--learning_rate", "1e-3", "--logging_steps", "50", "--save_steps", "300",
+    "--per_device_train_batch_size", "128", "--logging_steps", "50", "--save_steps", "300",
     "--save_total_limit", "2", "--eval_samples", "0",
 )
 
@@ -73,9 +73,12 @@ def _ablation(summary: str, mode: str = "raster", **fields) -> Recipe:
     return Recipe(summary, MERGEAR_TRAINER, arguments, ablation=True)
 
 
-def _recovery(summary: str, width: int, blocks: int, heads: int, steps: int) -> Recipe:
-    arguments = ("--tokenizer", BUNDLED_TOKENIZER, "--with_positions", "true", "--hidden_size", str(width), "--num_layers", str(blocks),
-                 "--num_heads", str(heads), "--max_steps", str(steps))
+def _recovery(summary: str, steps: int, size: tuple[int, int, int] | None = None, tokenizer: str = BUNDLED_TOKENIZER,
+              learning_rate: float = 1e-3) -> Recipe:
+    """A new module of ``size`` (width, blocks, heads) on ``tokenizer``, or, without a size, its own module fine-tuned."""
+    arguments = ("--tokenizer", tokenizer, "--with_positions", "true", "--max_steps", str(steps), "--learning_rate", str(learning_rate))
+    if size is not None:
+        arguments += ("--hidden_size", str(size[0]), "--num_layers", str(size[1]), "--num_heads", str(size[2]))
     return Recipe(f"source recovery with positions, {summary}", RECOVERY_TRAINER, arguments)
 
 
@@ -110,8 +113,11 @@ RECIPES: dict[str, Recipe] = {
     "mergear-gate-left-w8": _ablation("repeat gate and tokens-left embedding with W = 8 (one grid row)", repeat_gate=True,
                                       tokens_left_embedding=True, repeat_window=8),
     # Position-aware source recoveries for random order (docs/design.md §1.5), rebuilt on the bundled tokenizer.
-    "recovery-h96-l2": _recovery("width 96, 2 blocks (0.33M parameters), 900 steps", 96, 2, 4, 900),
-    "recovery-h192-l3": _recovery("width 192, 3 blocks (1.9M: the paper's 7M scaled by L = 64 / 256), 2,400 steps", 192, 3, 6, 2400),
+    "recovery-h96-l2": _recovery("width 96, 2 blocks (0.33M parameters), 900 steps", 900, (96, 2, 4)),
+    "recovery-h192-l3": _recovery("width 192, 3 blocks (1.9M: the paper's 7M scaled by L = 64 / 256), 2,400 steps", 2400, (192, 3, 6)),
+    # The paper's optional fine-tune, continued: needs recovery-h192-l3 trained first.
+    "recovery-h192-l3-ft": _recovery("recovery-h192-l3 fine-tuned 1,200 more steps at lr 5e-4", 1200,
+                                     tokenizer="outputs/reproduction/recovery-h192-l3", learning_rate=5e-4),
     "randar": _ablation("random order (MergeRandAR) with the bundled recipe", mode="random"),
     "randar-ls0": _ablation("random order (MergeRandAR), label smoothing 0", mode="random", label_smoothing=0.0),
 }
