@@ -141,6 +141,11 @@ def test_every_recipe_parses_with_its_trainer_and_builds_a_valid_config(repo_roo
         if job.trainer == "reproduction.grid_vq":
             build_vq_model(model_args.grid_size)
             continue
+        if job.trainer == "mergevq_hf.training.train_source_recovery" and model_args.hidden_size is None:
+            # a fine-tune continues another recovery recipe's output, which must exist as a recipe
+            assert model_args.with_positions and model_args.tokenizer.startswith("outputs/reproduction/"), name
+            assert model_args.tokenizer.removeprefix("outputs/reproduction/") in train.RECIPES, name
+            continue
         if job.trainer == "mergevq_hf.training.train_source_recovery":  # the module it builds on the bundled tokenizer
             tokenizer = MergeVQModel.from_pretrained(repo_root / BUNDLED_TOKENIZER)
             recovery = build_recovery(tokenizer, model_args)
