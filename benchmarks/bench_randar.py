@@ -122,16 +122,10 @@ def recon(args):
                   f"{float(torch.cat(code_agreement[kind]).mean()):.3f} |")
 
 
-def mean_and_spread(values: list[float], digits: int) -> str:
-    """``mean`` for one seed, ``mean (lowest-highest)`` for several."""
-    mean = f"{sum(values) / len(values):.{digits}f}"
-    return mean if len(values) == 1 else f"{mean} ({min(values):.{digits}f}-{max(values):.{digits}f})"
-
-
 @torch.no_grad()
 def generation(args):
     from mergevq_hf import MergeVQPipeline
-    from mergevq_hf.evaluation import evaluate_generation, pipeline_sample_fn
+    from mergevq_hf.evaluation import evaluate_generation, format_seed_spread, pipeline_sample_fn
 
     vq_model = MergeVQModel.from_pretrained(args.tokenizer).eval().to(args.device)
     images, _ = fashion_test_images(vq_model.config.image_size, args.num_samples)
@@ -159,8 +153,8 @@ def generation(args):
             scores["accuracy"].append(result["class_accuracy/lenet-fashion"])
         k = args.num_tokens or transformer.config.num_tokens
         steps = k if pipe.generation_mode == "random" else transformer.config.num_patches
-        print(f"| {name} | {len(paths)} | {steps} | {mean_and_spread(scores['fd'], 2)} | "
-              f"{mean_and_spread(scores['accuracy'], 3)} | {sum(scores['rate']) / len(paths):.1f} |")
+        print(f"| {name} | {len(paths)} | {steps} | {format_seed_spread(scores['fd'], 2)} | "
+              f"{format_seed_spread(scores['accuracy'], 3)} | {sum(scores['rate']) / len(paths):.1f} |")
 
 
 def main():

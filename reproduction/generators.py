@@ -23,7 +23,7 @@ import torch
 
 from mergevq_hf import MergeARForCausalLM, MergeVQModel
 from mergevq_hf.bundled import bundled_model_path
-from mergevq_hf.evaluation import evaluate_generation
+from mergevq_hf.evaluation import evaluate_generation, format_seed_spread
 
 INSTRUCTION_K = (9, 16, 25)
 BUNDLED = "bundled MergeAR"
@@ -149,14 +149,6 @@ class AblationScorer:
         )
 
 
-def spread(values: list[float], digits: int) -> str:
-    """One seed: its value; several: the mean and, in brackets, the lowest and highest seed."""
-    mean = sum(values) / len(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
-
-
 def ablation_table(ablations: Path, reference: tuple[torch.Tensor, torch.Tensor], reference_name: str, num_samples: int) -> str:
     """The ablation rows; ``reference`` holds the reference images and their class labels."""
     scorer = AblationScorer(reference, reference_name, num_samples, ablations / "scores.json")
@@ -176,10 +168,10 @@ def ablation_table(ablations: Path, reference: tuple[torch.Tensor, torch.Tensor]
     for name, runs in ablation_runs(ablations).items():
         scores = [scorer.samples(run) | scorer.instruction(run) | scorer.leak(run) for run in runs]
         column = lambda field: [score[field] for score in scores]  # noqa: E731
-        cells = [spread(column("fd_g1"), 1), spread(column("accuracy_g1"), 3), spread(column("fd_g2"), 1), spread(column("accuracy_g2"), 3)]
+        cells = [format_seed_spread(column("fd_g1"), 1), format_seed_spread(column("accuracy_g1"), 3), format_seed_spread(column("fd_g2"), 1), format_seed_spread(column("accuracy_g2"), 3)]
         for k in INSTRUCTION_K:
-            cells.append(f"{spread(column(f'distinct_k{k}'), 1)}; {sum(column(f'distinct_k{k}')) / len(scores) / k:.2f}")
-        cells += [spread(column("new_mass_at_repeats"), 3), spread(column("expected_new_codes"), 1)]
+            cells.append(f"{format_seed_spread(column(f'distinct_k{k}'), 1)}; {sum(column(f'distinct_k{k}')) / len(scores) / k:.2f}")
+        cells += [format_seed_spread(column("new_mass_at_repeats"), 3), format_seed_spread(column("expected_new_codes"), 1)]
         seeds = ", ".join(SEED_SUFFIX.search(run.name).group(1) if SEED_SUFFIX.search(run.name) else "–" for run in runs)
         print(f"{name}: {cells}", flush=True)
         lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
@@ -242,4 +234,4 @@ def samples_table(
     return "\n".join(lines)
 
 
-__all__ = ["AblationScorer", "ablation_runs", "ablation_table", "checkpoints", "curve_table", "distinct_codes", "generate_codes", "samples_table", "spread"]
+__all__ = ["AblationScorer", "ablation_runs", "ablation_table", "checkpoints", "curve_table", "distinct_codes", "generate_codes", "samples_table"]

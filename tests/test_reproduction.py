@@ -9,6 +9,7 @@ import torch
 from diffusers import VQModel
 
 from mergevq_hf import MergeVQConfig, MergeVQModel
+from mergevq_hf.evaluation import format_seed_spread
 from mergevq_hf.configuration_randar import MergeRandARConfig
 from mergevq_hf.training.train_source_recovery import build_recovery
 from mergevq_hf.training.trainer_mergear import mergear_config_for_tokenizer
@@ -232,7 +233,7 @@ def test_alignment_part_finds_every_trained_seed_and_needs_the_paper_recipe(tmp_
 
 def test_ablation_rows_group_seeds_and_find_checkpoints(tmp_path):
     from mergevq_hf import MergeARConfig, MergeARForCausalLM
-    from reproduction.generators import BUNDLED, ablation_runs, checkpoints, spread
+    from reproduction.generators import BUNDLED, ablation_runs, checkpoints
 
     model = MergeARForCausalLM(MergeARConfig.from_preset("tiny"))
     for run in ("mergear-steps8-seed0", "mergear-steps8-seed1", "raster-steps8-seed0", "mergear-steps8-seed2/checkpoint-2"):
@@ -245,7 +246,9 @@ def test_ablation_rows_group_seeds_and_find_checkpoints(tmp_path):
     assert [run.name for run in rows["mergear-steps8"]] == ["mergear-steps8-seed0", "mergear-steps8-seed1"]
     kept = checkpoints(tmp_path / "mergear-steps8-seed0")
     assert list(kept) == [2, 4, 8] and kept[8] == tmp_path / "mergear-steps8-seed0"
-    assert spread([2.0], 1) == "2.0" and spread([1.0, 4.0, 2.5], 1) == "2.5 (1.0–4.0)"
+    assert format_seed_spread([2.0], 1) == "2.0" and format_seed_spread([1.0, 4.0, 2.5], 1) == "2.5 (1.0–4.0)"
+    with pytest.raises(ValueError, match="no scores"):
+        format_seed_spread([], 1)
 
 
 def test_ablation_scores_are_remembered_until_the_weights_change(tmp_path, monkeypatch):

@@ -44,6 +44,7 @@ from .suite import (
     evaluate_reconstruction,
     evaluate_representation,
     format_markdown,
+    format_seed_spread,
 )
 
 METRIC_MODULES_DIR = Path(__file__).with_name("metric_modules")
@@ -73,6 +74,7 @@ __all__ = [
     "evaluate_representation",
     "extract_features",
     "format_markdown",
+    "format_seed_spread",
     "frechet_distance",
     "gaussian_statistics",
     "image_features",

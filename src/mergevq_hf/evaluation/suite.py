@@ -238,3 +238,13 @@ def format_markdown(rows: dict[str, Any] | Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def format_seed_spread(values: Sequence[float], digits: int) -> str:
+    """Scores of one recipe's training seeds: the value for one seed; the mean and (lowest–highest) for several."""
+    if not values:
+        raise ValueError("no scores to summarise")
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
