@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import platform
 import re
@@ -224,7 +225,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parts", default="tokenizers,generation", help="comma-separated: tokenizers, generation, alignment, ablations, curves, guidance, k25")
     parser.add_argument("--ablations", type=Path, default=Path("outputs/ablation"), help="folder of the generator ablations (parts ablations, curves, guidance, k25)")
     parser.add_argument("--curves", default="mergear-steps1200,raster-steps1200", help="curves: comma-separated ablation rows whose checkpoints are scored")
-    parser.add_argument("--sample-rows", default="bundled MergeAR", help="guidance, k25: comma-separated ablation rows scored at guidance 3 and 4 (K = 16), or at K = 25")
+    parser.add_argument("--sample-rows", default="bundled MergeAR", help="guidance, k25: comma-separated ablation rows scored at --guidance-scales (K = 16), or at K = 25")
+    parser.add_argument("--guidance-scales", default="3,4", help="guidance: comma-separated guidance scales (K = 16)")
     parser.add_argument("--reference", choices=("heldout", "test"), default="test",
                         help="ablations, curves, guidance, k25: compare samples with held-out training images (for choosing) or test images (for reporting)")
     parser.add_argument("--num-test", type=int, default=2000, help="Fashion-MNIST test images scored (fixed subset)")
@@ -240,6 +242,12 @@ def run(args: argparse.Namespace) -> None:
     parts = set(args.parts.split(","))
     if not parts <= {"tokenizers", "generation", "alignment", "ablations", "curves", "guidance", "k25"}:
         raise SystemExit(f"--parts takes tokenizers, generation, alignment, ablations, curves, guidance and/or k25, got {args.parts!r}")
+    try:
+        guidance_scales = tuple(float(scale) for scale in args.guidance_scales.split(","))
+    except ValueError:
+        raise SystemExit(f"--guidance-scales takes comma-separated numbers, e.g. 2.5,3, got {args.guidance_scales!r}") from None
+    if any(not math.isfinite(scale) or scale < 1 for scale in guidance_scales):
+        raise SystemExit(f"--guidance-scales must be finite and at least 1 (1: no guidance), got {args.guidance_scales!r}")
     if args.num_generated > args.num_test:
         raise SystemExit(f"--num-generated ({args.num_generated}) cannot exceed --num-test ({args.num_test}): the reference set is that many test images")
 
@@ -277,8 +285,8 @@ def run(args: argparse.Namespace) -> None:
         tables = {
             "ablations": ablation_table,
             "curves": functools.partial(curve_table, names=args.curves.split(",")),
-            # Stronger guidance at K = 16, and K = 25 (what an unconstrained generator's ~30 codes are closer to).
-            "guidance": functools.partial(samples_table, names=args.sample_rows.split(","), scales=(3.0, 4.0), num_tokens=16),
+            # Other guidance scales at K = 16, and K = 25 (what an unconstrained generator's ~30 codes are closer to).
+            "guidance": functools.partial(samples_table, names=args.sample_rows.split(","), scales=guidance_scales, num_tokens=16),
             "k25": functools.partial(samples_table, names=args.sample_rows.split(","), scales=(1.0, 2.0), num_tokens=25),
         }
         for part, table in tables.items():

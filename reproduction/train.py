@@ -60,6 +60,7 @@ class Recipe:
     trainer: str  # module whose main(argv) trains the model
     arguments: tuple[str, ...]  # what defines the model; the budget, output folder, seed and resume are added per run
     ablation: bool = False  # an ablation: outputs/ablation, --steps applies; otherwise a model of the reproduction table
+    learning_rate: str = "1e-3"  # an ablation's peak learning rate
 
 
 def _tokenizer_at(k: int) -> Recipe:
@@ -118,6 +119,13 @@ RECIPES: dict[str, Recipe] = {
     # The paper's optional fine-tune, continued: needs recovery-h192-l3 trained first.
     "recovery-h192-l3-ft": _recovery("recovery-h192-l3 fine-tuned 1,200 more steps at lr 5e-4", 1200,
                                      tokenizer="outputs/reproduction/recovery-h192-l3", learning_rate=5e-4),
+    # Is the bundled MergeAR only short of steps? Its run (mergear-w8 --steps 3600, same seed) trained further from its
+    # weights with a fresh optimiser and schedule; "{seed}" is the job's seed.
+    "mergear-w8-continued": Recipe(
+        "mergear-w8 --steps 3600 (train it first; seed 0 is the bundled MergeAR) continued --steps more at lr 5e-4",
+        MERGEAR_TRAINER, ("--tokenizer", BUNDLED_TOKENIZER, "--init_from", "outputs/ablation/mergear-w8-steps3600-seed{seed}"),
+        ablation=True, learning_rate="5e-4",
+    ),
     "randar": _ablation("random order (MergeRandAR) with the bundled recipe", mode="random"),
     "randar-ls0": _ablation("random order (MergeRandAR), label smoothing 0", mode="random", label_smoothing=0.0),
 }
@@ -152,15 +160,15 @@ def training_job(name: str, seed: int = 0, steps: int | None = None, resume: boo
             raise ValueError(f"--steps must be at least 4 (a checkpoint is saved every steps / 4), got {steps}")
         output_dir = f"outputs/ablation/{name}-steps{steps}-seed{seed}"
         budget = GENERATOR_DATA + (
-            "--max_steps", str(steps), "--per_device_train_batch_size", "64", "--learning_rate", "1e-3", "--logging_steps", "50",
-            "--save_steps", str(steps // 4), "--save_total_limit", "4",
+            "--max_steps", str(steps), "--per_device_train_batch_size", "64", "--learning_rate", recipe.learning_rate,
+            "--logging_steps", "50", "--save_steps", str(steps // 4), "--save_total_limit", "4",
         )
     else:
         if steps is not None:
             raise ValueError(f"--steps applies to the generator ablations only: {name} is trained at the table's fixed budget")
         output_dir = f"outputs/reproduction/{name}" + (f"-seed{seed}" if seed else "")
         budget = {MERGEAR_TRAINER: GENERATOR_BUDGET, RECOVERY_TRAINER: RECOVERY_BUDGET}.get(recipe.trainer, TOKENIZER_BUDGET)
-    arguments = ["--output_dir", output_dir, *recipe.arguments, *budget, "--seed", str(seed), "--use_cpu", "--disable_tqdm", "true"]
+    arguments = ["--output_dir", output_dir, *(a.replace("{seed}", str(seed)) for a in recipe.arguments), *budget, "--seed", str(seed), "--use_cpu", "--disable_tqdm", "true"]
     if resume:
         arguments += ["--resume_from_checkpoint", "last"]
     return TrainingJob(name, recipe.trainer, arguments)

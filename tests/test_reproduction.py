@@ -124,6 +124,12 @@ def test_recipes_give_the_arguments_of_the_former_shell_scripts():
         "--learning_rate", "1e-3", "--logging_steps", "50", "--save_steps", "100", "--save_total_limit", "4",
         "--seed", "0", "--use_cpu", "--disable_tqdm", "true",
     ]
+    job = train.training_job("mergear-w8-continued", seed=1, steps=2000)  # continues the same seed's run, at its own lr
+    assert job.arguments[:6] == [
+        "--output_dir", "outputs/ablation/mergear-w8-continued-steps2000-seed1", "--tokenizer", BUNDLED_TOKENIZER,
+        "--init_from", "outputs/ablation/mergear-w8-steps3600-seed1",
+    ]
+    assert job.arguments[job.arguments.index("--learning_rate") + 1] == "5e-4"
     assert train.training_job("grid-vq-8", seed=2).arguments[:4] == ["--output_dir", "outputs/reproduction/grid-vq-8-seed2", "--grid_size", "8"]
     assert train.training_job("grid-vq-8").trainer == "reproduction.grid_vq"
     for recipe in train.RECIPES.values():  # every override is a JSON object the trainers accept
@@ -152,6 +158,11 @@ def test_every_recipe_parses_with_its_trainer_and_builds_a_valid_config(repo_roo
             recovery = build_recovery(tokenizer, model_args)
             assert model_args.with_positions and recovery.token_position_embed is not None, name
             assert recovery.code_embed.out_features == model_args.hidden_size == tokenizer.config.source_recovery_hidden_size, name
+            continue
+        if job.trainer == "mergevq_hf.training.train_mergear" and model_args.init_from:
+            # a continuation starts from another generator recipe's output, which must exist as a recipe
+            assert model_args.config_overrides is None, name
+            assert model_args.init_from.removeprefix("outputs/ablation/").rsplit("-steps", 1)[0] in train.RECIPES, name
             continue
         overrides = json.loads(model_args.config_overrides or "{}")
         if name.startswith("tokenizer-"):  # the bundled tokenizer's recipe, one alignment recipe or the other
@@ -215,6 +226,10 @@ def test_train_calls_each_training_module_in_order(monkeypatch, repo_root):
 def test_score_checks_its_options_before_loading_data():
     with pytest.raises(SystemExit, match="--parts takes tokenizers, generation, alignment, ablations, curves, guidance and/or k25"):
         reproduction_main(["score", "--parts", "tokenizers,images"])
+    with pytest.raises(SystemExit, match="--guidance-scales takes comma-separated numbers"):
+        reproduction_main(["score", "--parts", "guidance", "--guidance-scales", "2.5;3"])
+    with pytest.raises(SystemExit, match="finite and at least 1"):
+        reproduction_main(["score", "--parts", "guidance", "--guidance-scales", "0.5,nan"])
 
 
 def test_alignment_part_finds_every_trained_seed_and_needs_the_paper_recipe(tmp_path):

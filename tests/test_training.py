@@ -344,6 +344,14 @@ def test_mergear_config_matches_the_tokenizer():
         mergear_config_for_tokenizer("tiny", tok, num_classes=7, grid_size=4)
 
 
+def test_mergear_refuses_overrides_for_a_model_it_loads(tmp_path, mergear_argv):
+    argv = mergear_argv(tmp_path / "no-tokenizer", tmp_path / "out", tmp_path / "cache", 4, "--init_from", str(tmp_path / "ar"),
+                        "--config_overrides", '{"repeat_window": 8}')
+    with pytest.raises(ValueError, match="--init_from loads one with its own config"):
+        train_mergear.main(argv)
+    assert not (tmp_path / "out").exists()  # refused before the run started
+
+
 @pytest.fixture(scope="module")
 def mergear_run(tokenizer_run, tmp_path_factory, mergear_argv):
     out, cache = tmp_path_factory.mktemp("mergear"), tmp_path_factory.mktemp("tokens")

@@ -99,6 +99,8 @@ def token_distribution(data_args: DataArguments, tokenizer_config) -> tuple[list
 def main(argv: list[str] | None = None) -> MergeARTrainer | None:
     """Train, export and evaluate; returns the trainer, or ``None`` when resuming a run that is already finished."""
     model_args, data_args, args = parse_args(argv)
+    if model_args.init_from and model_args.config_overrides:
+        raise ValueError("--config_overrides builds a new model; --init_from loads one with its own config: pass one of them")
     resume, finished = start_run(args, logger)
     if finished:
         return None
