@@ -83,6 +83,14 @@ def _recovery(summary: str, steps: int, size: tuple[int, int, int] | None = None
     return Recipe(f"source recovery with positions, {summary}", RECOVERY_TRAINER, arguments)
 
 
+def _continued(base: str, what: str) -> Recipe:
+    """``base --steps 3600`` (trained first, same seed) continued ``--steps`` more from its weights, with a fresh
+    optimiser and schedule at half the peak learning rate; ``{seed}`` becomes the job's seed."""
+    arguments = ("--tokenizer", BUNDLED_TOKENIZER, "--init_from", f"outputs/ablation/{base}-steps3600-seed{{seed}}")
+    return Recipe(f"{base} --steps 3600 ({what}) continued --steps more at lr 5e-4", MERGEAR_TRAINER, arguments,
+                  ablation=True, learning_rate="5e-4")
+
+
 RECIPES: dict[str, Recipe] = {
     **{f"mergevq-k{k}": _tokenizer_at(k) for k in (64, 36, 16, 9)},
     **{
@@ -119,13 +127,9 @@ RECIPES: dict[str, Recipe] = {
     # The paper's optional fine-tune, continued: needs recovery-h192-l3 trained first.
     "recovery-h192-l3-ft": _recovery("recovery-h192-l3 fine-tuned 1,200 more steps at lr 5e-4", 1200,
                                      tokenizer="outputs/reproduction/recovery-h192-l3", learning_rate=5e-4),
-    # Is the bundled MergeAR only short of steps? Its run (mergear-w8 --steps 3600, same seed) trained further from its
-    # weights with a fresh optimiser and schedule; "{seed}" is the job's seed.
-    "mergear-w8-continued": Recipe(
-        "mergear-w8 --steps 3600 (train it first; seed 0 is the bundled MergeAR) continued --steps more at lr 5e-4",
-        MERGEAR_TRAINER, ("--tokenizer", BUNDLED_TOKENIZER, "--init_from", "outputs/ablation/mergear-w8-steps3600-seed{seed}"),
-        ablation=True, learning_rate="5e-4",
-    ),
+    # Are the bundled MergeAR and the gate only short of steps? Their 3,600-step runs trained further.
+    "mergear-w8-continued": _continued("mergear-w8", "the bundled MergeAR's run; seed 0 is the bundled MergeAR"),
+    "mergear-gate-left-w8-continued": _continued("mergear-gate-left-w8", "the gate with one grid row"),
     "randar": _ablation("random order (MergeRandAR) with the bundled recipe", mode="random"),
     "randar-ls0": _ablation("random order (MergeRandAR), label smoothing 0", mode="random", label_smoothing=0.0),
 }

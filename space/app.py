@@ -18,6 +18,7 @@ import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
 from mergevq_hf.defaults import load_default_pipeline  # noqa: E402
+from mergevq_hf.sampling_utils import DEFAULT_GUIDANCE_SCALE  # noqa: E402
 from mergevq_hf.visualization import draw_merge_map, enlarge, load_image  # noqa: E402
 
 # ---- limits: every request's work is bounded by these (the K range comes from the model) ----
@@ -132,7 +133,7 @@ def build_demo(pipe, notice: str | None = None) -> gr.Blocks:
                     class_id = gr.Dropdown(_class_choices(ar_config), value=0, label="Class")
                     num_images = gr.Slider(1, MAX_IMAGES_PER_REQUEST, value=4, step=1, label="Number of images")
                     gen_tokens = gr.Slider(1, num_patches, value=ar_config.num_tokens, step=1, label="Token budget K", info=f"distinct merged tokens per image, out of L = {num_patches}")
-                    guidance_scale = gr.Slider(1.0, 10.0, value=2.0, step=0.1, label="Guidance scale", info="1 = off")
+                    guidance_scale = gr.Slider(1.0, 10.0, value=DEFAULT_GUIDANCE_SCALE, step=0.1, label="Guidance scale", info="1 = off")
                     temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature")
                     top_k = gr.Slider(0, 2**vq_config.codebook_bits, value=0, step=1, label="Top-k", info="per sub-token (low bits, then high bits) with a factorised head; 0 = off")
                     top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", info="per sub-token with a factorised head; 1 = off")

@@ -106,10 +106,23 @@ def test_guidance_is_a_hidden_alias_of_guidance_scale(capsys):
     parser = cli.build_parser()
     assert parser.parse_args(["generate", "--guidance", "3.5"]).guidance_scale == 3.5
     assert parser.parse_args(["generate", "--guidance-scale", "3.5"]).guidance_scale == 3.5
-    assert parser.parse_args(["generate"]).guidance_scale == 2.0
+    assert parser.parse_args(["generate"]).guidance_scale is None  # the pipeline's default
     with pytest.raises(SystemExit):
         cli.main(["generate", "--help"])
     assert "--guidance " not in capsys.readouterr().out
+
+
+def test_generate_without_guidance_scale_uses_the_pipelines_default(tmp_path, monkeypatch):
+    calls = []
+
+    def pipe(**kwargs):
+        calls.append(kwargs)
+        return type("Output", (), {"images": [Image.new("RGB", (32, 32))]})()
+
+    monkeypatch.setattr(cli, "_load", lambda args: (pipe, "spy"))
+    assert cli.main(["generate", "-o", str(tmp_path / "default.png")]) == 0
+    assert cli.main(["generate", "--guidance-scale", "1", "-o", str(tmp_path / "off.png")]) == 0
+    assert "guidance_scale" not in calls[0] and calls[1]["guidance_scale"] == 1.0
 
 
 def test_encode_writes_indices_and_source_maps(tmp_path, capsys):

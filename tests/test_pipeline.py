@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mergevq_hf import MergeARConfig, MergeARForCausalLM, MergeVQConfig, MergeVQModel, MergeVQPipeline
-from mergevq_hf.sampling_utils import sample_rows
+from mergevq_hf.sampling_utils import DEFAULT_GUIDANCE_SCALE, sample_rows
 
 NUM_CLASSES, L, K = 10, 64, 16
 
@@ -62,7 +62,7 @@ def test_batch_of_several_classes_and_sampling_arguments(pipe, monkeypatch):
     images = pipe([3, 1, 4], num_images_per_class=2, num_tokens=9, generator=seeded(), output_type="np").images
     assert images.shape == (6, 32, 32, 3)
     assert calls[0]["class_labels"].tolist() == [3, 3, 1, 1, 4, 4]  # grouped by class, in order
-    assert (calls[0]["num_tokens"], calls[0]["guidance_scale"], calls[0]["top_k"], calls[0]["top_p"]) == (9, 2.0, 0, 1.0)
+    assert (calls[0]["num_tokens"], calls[0]["guidance_scale"], calls[0]["top_k"], calls[0]["top_p"]) == (9, DEFAULT_GUIDANCE_SCALE, 0, 1.0)
     assert len(calls[0]["generators"]) == 6  # one per image
     pipe(torch.tensor([5]), guidance_scale=1.0, temperature=0.5, top_k=5, top_p=0.9, output_type="np")
     assert (calls[1]["guidance_scale"], calls[1]["temperature"], calls[1]["top_k"], calls[1]["top_p"]) == (None, 0.5, 5, 0.9)

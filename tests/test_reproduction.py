@@ -3,6 +3,7 @@ training entry, FLOP counting, the results writer."""
 
 import importlib
 import json
+import shlex
 
 import pytest
 import torch
@@ -135,6 +136,36 @@ def test_recipes_give_the_arguments_of_the_former_shell_scripts():
     for recipe in train.RECIPES.values():  # every override is a JSON object the trainers accept
         if "--config_overrides" in recipe.arguments:
             assert isinstance(json.loads(recipe.arguments[recipe.arguments.index("--config_overrides") + 1]), dict)
+
+
+def _flags(arguments: list[str]) -> dict[str, list[str]]:
+    flags, name = {}, None
+    for argument in arguments:
+        if argument.startswith("--"):
+            name = argument
+            flags[name] = []
+        else:
+            flags[name].append(argument)
+    return flags
+
+
+def test_bundled_mergear_script_runs_the_recipes_it_names(repo_root):
+    """scripts/train_bundled_mergear.sh trains the bundled MergeAR as `mergear-w8 --steps 3600` then
+    `mergear-w8-continued --steps 3600`, into its own folders: RESULTS.md's rows for those recipes describe it."""
+    script = (repo_root / "scripts" / "train_bundled_mergear.sh").read_text().replace("\\\n", " ")
+    commands = [line.replace("${RESUME:+--resume_from_checkpoint last}", "").split("examples/train_mergear.py", 1)[1]
+                for line in script.splitlines() if "examples/train_mergear.py" in line]
+    assert len(commands) == 2
+    first, then = (_flags(shlex.split(command)) for command in commands)
+    assert then["--init_from"] == first["--output_dir"]
+    for flags, job in zip((first, then), (train.training_job("mergear-w8", steps=3600), train.training_job("mergear-w8-continued", steps=3600))):
+        expected = _flags(job.arguments)
+        for where in ("--output_dir", "--tokenizer", "--init_from"):  # the script's own folders
+            flags.pop(where, None), expected.pop(where, None)
+        if "--config_overrides" in expected:
+            assert json.loads(flags.pop("--config_overrides")[0]) == json.loads(expected.pop("--config_overrides")[0])
+        assert expected.pop("--generation_mode", ["raster"]) == ["raster"]
+        assert flags == expected
 
 
 def test_every_recipe_parses_with_its_trainer_and_builds_a_valid_config(repo_root):

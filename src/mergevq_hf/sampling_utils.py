@@ -17,6 +17,11 @@ from numbers import Integral, Real
 import torch
 
 GUIDANCE_SCHEDULES = ("constant", "linear")
+# The pipeline's, CLI's and Space's guidance when the user gives none: the smallest of 2, 2.5 and 3 at which the bundled
+# model's samples are classified as their class at least 0.95 times as often as real images, chosen on held-out
+# training images (benchmarks/RESULTS.md, issue 13). Guidance 2 has the better FD-LeNet, as DiT's FID scale is not
+# its pipeline's default either.
+DEFAULT_GUIDANCE_SCALE = 2.5
 
 
 def is_integer(value) -> bool:
@@ -96,6 +101,7 @@ def sample_rows(probs: torch.Tensor, generators) -> torch.LongTensor:
 
 
 __all__ = [
+    "DEFAULT_GUIDANCE_SCALE",
     "GUIDANCE_SCHEDULES",
     "check_generators",
     "check_guidance_scale",
