@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from mergevq_hf import cli, defaults
+from mergevq_hf.sampling_utils import DEFAULT_GUIDANCE_SCALE
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "space" / "examples").glob("*.png"))[:2]
@@ -123,6 +124,8 @@ def test_generate_without_guidance_scale_uses_the_pipelines_default(tmp_path, mo
     assert cli.main(["generate", "-o", str(tmp_path / "default.png")]) == 0
     assert cli.main(["generate", "--guidance-scale", "1", "-o", str(tmp_path / "off.png")]) == 0
     assert "guidance_scale" not in calls[0] and calls[1]["guidance_scale"] == 1.0
+    help_text = cli.build_parser()._subparsers._group_actions[0].choices["generate"].format_help()
+    assert f"the pipeline's, {DEFAULT_GUIDANCE_SCALE:g}" in " ".join(help_text.split())  # the help names the real default
 
 
 def test_encode_writes_indices_and_source_maps(tmp_path, capsys):

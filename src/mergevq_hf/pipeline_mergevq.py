@@ -168,9 +168,9 @@ class MergeVQPipeline(DiffusionPipeline):
             num_tokens: K, the number of distinct merged tokens the generator is told to produce (the merge
                 instruction); default `transformer.config.num_tokens`; must lie in `[1, L]`.
             guidance_scale: classifier-free guidance scale `s` (logits `u + s (c - u)`, one batched forward per step);
-                None or 1.0 turns guidance off. The default, 2.5, is where the bundled model's samples are classified
-                as their class nearly as often as real images; 2 gives its best FD (the Open-MAGVIT2 / LlamaGen
-                sampling scripts use about 2).
+                None or 1.0 turns guidance off. The default, `sampling_utils.DEFAULT_GUIDANCE_SCALE`, is where the
+                bundled model's samples are classified as their class nearly as often as real images; 2 gives its
+                best FD (the Open-MAGVIT2 / LlamaGen sampling scripts use about 2).
             guidance_schedule: `"constant"`, or `"linear"` (random mode only, as RandAR): the scale rises from 1 at
                 the first generated token to `guidance_scale` at the last.
             temperature, top_k, top_p: sampling controls applied after guidance (`top_k=None` or 0 and
