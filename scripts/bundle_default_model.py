@@ -157,8 +157,8 @@ Class-conditional generation ({metrics['num_generated']} samples, equal per clas
 Class accuracy is the LeNet's arg-max class against the conditioning label; on real test images the same
 classifier scores {metrics['classifier_test_accuracy']:.3f}. The real-image row compares the reference set with itself.
 The default guidance, {DEFAULT_GUIDANCE_SCALE:g}, is the smallest of 2, 2.5 and 3 at which generated images were classified
-as their class at least 0.95 times as often as real ones on held-out training images (not these test images);
-guidance 2 gives the lower FD-LeNet and the higher recall.
+as their class at least 0.95 times as often as real ones, chosen on another draw of samples than these
+(`python -m reproduction score`, benchmarks/RESULTS.md); guidance 2 gives the lower FD-LeNet and the higher recall.
 """
 
 
