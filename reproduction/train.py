@@ -58,7 +58,7 @@ RECOVERY_BUDGET = GENERATOR_DATA + (
 class Recipe:
     summary: str
     trainer: str  # module whose main(argv) trains the model
-    arguments: tuple[str, ...]  # what defines the model; the budget, output folder, seed and resume are added per run
+    arguments: tuple[str, ...]  # what defines the model ("{seed}" becomes the run's seed); the budget, output folder, seed and resume are added per run
     ablation: bool = False  # an ablation: outputs/ablation, --steps applies; otherwise a model of the reproduction table
     learning_rate: str = "1e-3"  # an ablation's peak learning rate
 
