@@ -19,8 +19,8 @@ import torch
 GUIDANCE_SCHEDULES = ("constant", "linear")
 # The pipeline's, CLI's and Space's guidance when the user gives none: the smallest of 2, 2.5 and 3 at which the bundled
 # model's samples are classified as their class at least 0.95 times as often as real images, chosen on a draw of
-# samples apart from the model card's (benchmarks/RESULTS.md, issue 13). Guidance 2 has the better FD-LeNet, as DiT's FID scale is not
-# its pipeline's default either.
+# samples apart from the model card's (benchmarks/RESULTS.md, issue 13; the recipe's second seed agrees). Guidance 2
+# has the better FD-LeNet, as DiT's FID scale is not its pipeline's default either.
 DEFAULT_GUIDANCE_SCALE = 2.5
 
 
