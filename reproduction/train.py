@@ -75,11 +75,13 @@ def _ablation(summary: str, mode: str = "raster", **fields) -> Recipe:
 
 
 def _recovery(summary: str, steps: int, size: tuple[int, int, int] | None = None, tokenizer: str = BUNDLED_TOKENIZER,
-              learning_rate: float = 1e-3) -> Recipe:
-    """A new module of ``size`` (width, blocks, heads) on ``tokenizer``, or, without a size, its own module fine-tuned."""
+              learning_rate: float = 1e-3, token_layers: int = 0) -> Recipe:
+    """A new module of ``size`` (width, blocks, heads) and ``token_layers`` on ``tokenizer``, or, without a size, its
+    own module fine-tuned."""
     arguments = ("--tokenizer", tokenizer, "--with_positions", "true", "--max_steps", str(steps), "--learning_rate", str(learning_rate))
     if size is not None:
-        arguments += ("--hidden_size", str(size[0]), "--num_layers", str(size[1]), "--num_heads", str(size[2]))
+        arguments += ("--hidden_size", str(size[0]), "--num_layers", str(size[1]), "--num_heads", str(size[2]),
+                      "--num_token_layers", str(token_layers))
     return Recipe(f"source recovery with positions, {summary}", RECOVERY_TRAINER, arguments)
 
 
@@ -123,7 +125,9 @@ RECIPES: dict[str, Recipe] = {
                                       tokens_left_embedding=True, repeat_window=8),
     # Position-aware source recoveries for random order (docs/design.md §1.5), rebuilt on the bundled tokenizer.
     "recovery-h96-l2": _recovery("width 96, 2 blocks (0.33M parameters), 900 steps", 900, (96, 2, 4)),
+    "recovery-h96-l2-enc2": _recovery("recovery-h96-l2 with 2 self-attention blocks over the tokens first (0.55M)", 900, (96, 2, 4), token_layers=2),
     "recovery-h192-l3": _recovery("width 192, 3 blocks (1.9M: the paper's 7M scaled by L = 64 / 256), 2,400 steps", 2400, (192, 3, 6)),
+    "recovery-h192-l3-enc2": _recovery("recovery-h192-l3 with 2 self-attention blocks over the tokens first (2.8M)", 2400, (192, 3, 6), token_layers=2),
     # The paper's optional fine-tune, continued: needs recovery-h192-l3 trained first.
     "recovery-h192-l3-ft": _recovery("recovery-h192-l3 fine-tuned 1,200 more steps at lr 5e-4", 1200,
                                      tokenizer="outputs/reproduction/recovery-h192-l3", learning_rate=5e-4),

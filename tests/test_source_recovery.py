@@ -114,7 +114,7 @@ def test_entry_point_rebuilds_the_recovery_and_keeps_the_rest(tmp_path, vq_model
     out = tmp_path / "recovery"
     argv = [
         "--tokenizer", str(tokenizer_dir), "--output_dir", str(out), "--hidden_size", "32", "--num_layers", "1",
-        "--num_heads", "4", "--with_positions", "true", "--dataset", "procedural:64", "--eval_split", "train",
+        "--num_heads", "4", "--num_token_layers", "1", "--with_positions", "true", "--dataset", "procedural:64", "--eval_split", "train",
         "--eval_samples", "16", "--num_tokens_candidates", "9", "16", "--max_steps", "3", "--per_device_train_batch_size", "8",
         "--token_cache_dir", str(tmp_path / "cache"), "--use_cpu", "--report_to", "none", "--save_steps", "3", "--disable_tqdm", "true",
     ]
@@ -122,6 +122,7 @@ def test_entry_point_rebuilds_the_recovery_and_keeps_the_rest(tmp_path, vq_model
     assert train_source_recovery(argv + ["--resume_from_checkpoint", "last"]) is None  # finished: nothing retrained
     tuned = MergeVQModel.from_pretrained(out).eval()
     assert tuned.config.source_recovery_with_positions and tuned.config.source_recovery_hidden_size == 32
+    assert tuned.config.source_recovery_num_token_layers == 1 and len(tuned.source_recovery.token_blocks) == 1
     metrics = json.loads((out / "source_recovery_eval.json").read_text())
     assert set(metrics) == {"positions_under_true_parent_k9", "positions_under_true_parent_k16"}
     assert all(0 < value <= 1 for value in metrics.values())
@@ -148,3 +149,30 @@ def test_random_order_pipeline_hands_the_generated_positions_to_the_recovery(vq_
     pipe(class_labels=[1, 2], num_tokens=9, generator=torch.Generator().manual_seed(0), output_type="pt")
     positions = seen["positions"]
     assert positions.shape == (2, 9) and (positions[:, 1:] > positions[:, :-1]).all()
+
+
+def test_padding_tokens_change_nothing_for_the_real_ones():
+    """A batch padded to a common K (as the fine-tune collates it) scores the real tokens as the unpadded batch does,
+    through the token encoder and the cross-attention alike, and padding is never a parent."""
+    torch.manual_seed(0)
+    recovery = SourceRecovery(10, 64, 32, 2, 4, 64, with_positions=True, num_token_layers=2).eval()
+    codes, positions = torch.randn(1, 5, 10), torch.tensor([[0, 3, 9, 20, 41]])
+    alone = recovery(codes[:, :3], positions[:, :3])
+    token_mask = torch.tensor([[True, True, True, False, False]])
+    padded = recovery(codes, positions.masked_fill(~token_mask, 0), token_mask)
+    torch.testing.assert_close(padded[..., :3], alone)
+    assert torch.isneginf(padded[..., 3:]).all()
+    assert len(recovery.token_blocks) == 2
+
+
+def test_token_layers_are_part_of_the_config_and_checkpoint(tmp_path):
+    config = MergeVQConfig.from_preset("tiny", source_recovery_with_positions=True, source_recovery_num_token_layers=1)
+    model = MergeVQModel(config).eval()
+    assert len(model.source_recovery.token_blocks) == 1
+    model.save_pretrained(tmp_path)
+    reloaded = MergeVQModel.from_pretrained(tmp_path)
+    torch.testing.assert_close(reloaded.source_recovery.token_blocks[0].mlp[0].weight, model.source_recovery.token_blocks[0].mlp[0].weight)
+    with pytest.raises(ValueError, match="source_recovery_num_token_layers"):
+        MergeVQConfig.from_preset("tiny", source_recovery_num_token_layers=-1)
+    with pytest.raises(TypeError, match="source_recovery_num_token_layers"):
+        MergeVQConfig.from_preset("tiny", source_recovery_num_token_layers=1.5)

@@ -85,6 +85,7 @@ class MergeVQConfig(PretrainedConfig):
         alignment_head: `"mlp3"`, `"mlp2ln"` or `"none"`; alignment_dim: teacher feature size.
         use_source_recovery: build the learned source-map predictor (needed for random-order generation).
         source_recovery_with_positions: the predictor also reads each token's grid position (known in random order).
+        source_recovery_num_token_layers: self-attention blocks over the K tokens before the predictor's decoder blocks.
     """
 
     model_type = "mergevq"
@@ -131,6 +132,7 @@ class MergeVQConfig(PretrainedConfig):
     source_recovery_intermediate_size: int = 1536
     source_recovery_loss_weight: float = 0.5
     source_recovery_with_positions: bool = False
+    source_recovery_num_token_layers: int = 0
     initializer_range: float = 0.02
 
     # Validated like MergeARConfig: the transformers hook `validate_architecture` (ValueError) plus `check_field_types`
@@ -190,6 +192,7 @@ class MergeVQConfig(PretrainedConfig):
             non_negative=(
                 "entropy_loss_weight", "commitment_loss_weight", "reconstruction_loss_weight", "alignment_loss_weight",
                 "source_recovery_loss_weight", "sample_entropy_weight", "batch_entropy_weight",
+                "source_recovery_num_token_layers",
             ),
         )
         if self.stem_type not in ("cnn", "patchify"):

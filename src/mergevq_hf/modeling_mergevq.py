@@ -580,6 +580,7 @@ class MergeVQModel(MergeVQPreTrainedModel):
                 config.codebook_bits, config.num_patches, config.source_recovery_hidden_size,
                 config.source_recovery_num_layers, config.source_recovery_num_heads,
                 config.source_recovery_intermediate_size, config.source_recovery_with_positions,
+                config.source_recovery_num_token_layers,
             )
             if config.use_source_recovery
             else None

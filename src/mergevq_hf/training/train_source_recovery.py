@@ -49,6 +49,7 @@ class RecoveryArguments:
     num_heads: int | None = field(default=None, metadata={"help": "Attention heads of the new module (default: the tokenizer's)."})
     intermediate_size: int | None = field(default=None, metadata={"help": "MLP width of the new module (default: 4 x hidden_size)."})
     with_positions: bool = field(default=False, metadata={"help": "Also read each token's grid position (known in random-order generation)."})
+    num_token_layers: int | None = field(default=None, metadata={"help": "Self-attention blocks over the K tokens before the decoder blocks (default: the tokenizer's)."})
 
 
 @dataclass
@@ -97,9 +98,9 @@ class SourceRecoveryTrainingModel(nn.Module):
         token_mask = torch.ones_like(indices, dtype=torch.bool) if token_mask is None else token_mask
         codes = self.quantize.indices_to_codes(indices, dtype=torch.float32)
         positions = None
-        if self.with_positions:  # padded tokens own no position: park them at 0, their logits are masked below
+        if self.with_positions:  # padded tokens own no position: park them at 0; the recovery masks them out
             positions = SourceRecovery.token_positions(source_map, indices.shape[1]).masked_fill(~token_mask, 0)
-        return self.recovery(codes, positions).masked_fill(~token_mask[:, None, :], float("-inf"))
+        return self.recovery(codes, positions, token_mask)
 
     def forward(self, indices, source_map, token_mask=None) -> dict[str, torch.Tensor]:
         logits = self.logits(indices, source_map, token_mask)
@@ -129,6 +130,7 @@ def build_recovery(tokenizer: MergeVQModel, args: RecoveryArguments) -> SourceRe
         "source_recovery_hidden_size": args.hidden_size, "source_recovery_num_layers": args.num_layers,
         "source_recovery_num_heads": args.num_heads,
         "source_recovery_intermediate_size": args.intermediate_size or (4 * args.hidden_size if args.hidden_size else None),
+        "source_recovery_num_token_layers": args.num_token_layers,
     }
     new_size = {name: value for name, value in new_size.items() if value is not None}
     rebuild = bool(new_size) or args.with_positions != config.source_recovery_with_positions or tokenizer.source_recovery is None
@@ -141,6 +143,7 @@ def build_recovery(tokenizer: MergeVQModel, args: RecoveryArguments) -> SourceRe
     recovery = SourceRecovery(
         config.codebook_bits, config.num_patches, config.source_recovery_hidden_size, config.source_recovery_num_layers,
         config.source_recovery_num_heads, config.source_recovery_intermediate_size, config.source_recovery_with_positions,
+        config.source_recovery_num_token_layers,
     )
     if not new_size and tokenizer.source_recovery is not None:  # same size, positions added: start from the trained one
         recovery.load_state_dict(tokenizer.source_recovery.state_dict(), strict=False)
