@@ -39,6 +39,10 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
 
 
+def feed_forward(dim: int, intermediate_size: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, intermediate_size), nn.GELU(), nn.Linear(intermediate_size, dim))
+
+
 class SourceRecoveryBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, intermediate_size: int):
         super().__init__()
@@ -47,7 +51,7 @@ class SourceRecoveryBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.cross_attn = Attention(dim, num_heads)
         self.norm3 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, intermediate_size), nn.GELU(), nn.Linear(intermediate_size, dim))
+        self.mlp = feed_forward(dim, intermediate_size)
 
     def forward(self, queries: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.norm1(queries)
@@ -64,7 +68,7 @@ class TokenEncoderBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.self_attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, intermediate_size), nn.GELU(), nn.Linear(intermediate_size, dim))
+        self.mlp = feed_forward(dim, intermediate_size)
 
     def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.norm1(tokens)
