@@ -115,7 +115,7 @@ def test_entropy_matches_brute_force(bits):
 # One process of a 2-process gloo group. It loads quantization_lfq.py by its path (the module needs only torch), so
 # that a start costs a torch import rather than the whole package's.
 _TWO_PROCESS_WORKER = """
-import importlib.util, sys
+import importlib.util, os, sys
 import torch
 import torch.distributed as dist
 
@@ -135,6 +135,10 @@ result = {"sample": sample.detach(), "batch": batch.detach(), "grad": z.grad,
 torch.save(result, output)
 dist.barrier()  # both ranks done with every collective before either tears the group down
 dist.destroy_process_group()
+# Skip interpreter finalisation: gloo threads that still hold tensors can abort the process there ("terminate called
+# without an active exception", seen once in CI) once the result is safely written.
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)
 """
 
 

@@ -94,6 +94,28 @@ def _data_parallel_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+class _SumOverProcesses(torch.autograd.Function):
+    """All-reduce (sum) that autograd sees through: d(sum over processes)/dx_p is the sum of every process's upstream
+    gradient, itself an all-reduce. (The in-place ``dist.all_reduce`` would cut the graph; torch's own autograd-aware
+    version is deprecated.)"""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        total = x.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        return total
+
+
 def entropy_terms(
     z: torch.Tensor, temperature: float, across_processes: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,9 +148,8 @@ def entropy_terms(
         num_tokens = x.shape[0]
         if across_processes and _data_parallel_world_size() > 1:
             import torch.distributed as dist
-            from torch.distributed.nn.functional import all_reduce
 
-            code_sums = all_reduce(code_sums)  # autograd-aware; the in-place dist.all_reduce would cut the graph
+            code_sums = _SumOverProcesses.apply(code_sums)
             counts = torch.tensor([num_tokens], dtype=torch.float64, device=code_sums.device)
             dist.all_reduce(counts)
             num_tokens = counts.item()
