@@ -11,7 +11,8 @@ Three parts, each printing a markdown table (benchmarks/RESULTS.md, "Random-orde
   generation has to use). PSNR, FD on the Fashion-MNIST LeNet (rFID-style), and how many positions get their
   true parent. Paper, ImageNet G+R: rFID 1.48 (true) -> 1.71 (predicted).
 * ``generation --tokenizer DIR --mergear DIR... --randar DIR...``: FD and class accuracy (LeNet) of class-conditional
-  samples of both generators on the same tokenizer, against Fashion-MNIST test images; one folder per training seed,
+  samples of both generators on the same tokenizer, against Fashion-MNIST test images (``--reference heldout``:
+  training images no generator saw, for choosing settings); one folder per training seed,
   scored with the same sample seeds, then the mean and (lowest-highest) over seeds.
 
 Usage:
@@ -84,6 +85,15 @@ def fashion_test_images(image_size: int, num_samples: int):
     return dataset_to_tensors(load_image_dataset("fashion_mnist", "test"), image_size, num_samples=num_samples)
 
 
+def fashion_heldout_images(image_size: int, num_samples: int):
+    """Training images from index 50,000 on: no generator saw them (they train on the first 30,000); for choosing."""
+    from mergevq_hf.evaluation import dataset_to_tensors
+    from mergevq_hf.training import load_image_dataset
+
+    heldout = load_image_dataset("fashion_mnist", "train").select(range(50000, 60000))
+    return dataset_to_tensors(heldout, image_size, num_samples=num_samples, seed=0)
+
+
 @torch.no_grad()
 def recon(args):
     from mergevq_hf.evaluation import extract_features, frechet_distance, load_feature_extractor, psnr
@@ -122,15 +132,51 @@ def recon(args):
                   f"{float(torch.cat(code_agreement[kind]).mean()):.3f} |")
 
 
+def merged_tokens(raster_codes: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each row of ``[N, L]`` raster codes as merged tokens: its distinct codes and where each first appears (a
+    repeated code rejoins its group in MergeAR's reading), in grid order."""
+    tokens = []
+    for row in raster_codes.tolist():
+        first = {}
+        for position, code in enumerate(row):
+            first.setdefault(code, position)
+        positions = torch.tensor(sorted(first.values()))
+        tokens.append((raster_codes.new_tensor(row)[positions], positions))
+    return tokens
+
+
+def raster_through_recovery_sample_fn(pipe, **call_kwargs):
+    """MergeAR's samples decoded through the source map the recovery predicts from their merged tokens, instead of
+    through their own raster codes: the decoding path of random order applied to MergeAR's content."""
+    def sample(class_labels, generator):
+        steps = []
+
+        def keep(pipeline, step, timestep, tensors):
+            steps.append(tensors["next_tokens"].clone())
+            return tensors
+
+        pipe(class_labels=class_labels, generator=generator, output_type="pt", callback_on_step_end=keep, **call_kwargs)
+        vq_model, images = pipe.vq_model, []
+        for codes, positions in merged_tokens(torch.stack(steps, 1)):
+            sample.distinct_codes.append(len(codes))
+            codes, positions = codes[None].to(vq_model.device), positions[None].to(vq_model.device)
+            images.append(vq_model.decode(codes, vq_model.predict_source_map(codes, positions)).clamp(-1, 1).float().cpu())
+        return torch.cat(images)
+
+    sample.distinct_codes = []
+    return sample
+
+
 @torch.no_grad()
 def generation(args):
     from mergevq_hf import MergeVQPipeline
     from mergevq_hf.evaluation import evaluate_generation, format_seed_spread, pipeline_sample_fn
 
     vq_model = MergeVQModel.from_pretrained(args.tokenizer).eval().to(args.device)
-    images, _ = fashion_test_images(vq_model.config.image_size, args.num_samples)
+    load_images = fashion_heldout_images if args.reference == "heldout" else fashion_test_images
+    images, _ = load_images(vq_model.config.image_size, args.num_samples)
     labels = torch.arange(args.num_samples) % 10
-    print(f"{args.num_samples} samples per model (labels cycling over the 10 classes) vs {len(images)} test images, "
+    print(f"{args.num_samples} samples per model (labels cycling over the 10 classes) vs {len(images)} {args.reference} images, "
           f"K = {args.num_tokens or 'default'}, guidance scale {args.guidance_scale}; several folders: one per training "
           "seed, mean (lowest-highest)\n")
     print("| generator | seeds | steps / image | FD-LeNet | class accuracy (LeNet) | images/s |")
@@ -139,18 +185,27 @@ def generation(args):
             ("MergeRandAR (random order)", args.randar, MergeRandARForCausalLM, {})]
     if args.linear_schedule:
         rows.append(("MergeRandAR, linear CFG", args.randar, MergeRandARForCausalLM, {"guidance_schedule": "linear"}))
+    if args.through_recovery:
+        rows.append(("MergeAR (raster), decoded through the source recovery", args.mergear, MergeARForCausalLM, "recovery"))
     for name, paths, model_class, extra in rows:
         scores = {"fd": [], "accuracy": [], "rate": []}
         for path in paths:
             transformer = model_class.from_pretrained(path).eval().to(args.device)
             pipe = MergeVQPipeline(vq_model=vq_model, transformer=transformer)
-            sample_fn = pipeline_sample_fn(pipe, num_tokens=args.num_tokens, guidance_scale=args.guidance_scale, **extra)
+            if extra == "recovery":
+                sample_fn = raster_through_recovery_sample_fn(pipe, num_tokens=args.num_tokens, guidance_scale=args.guidance_scale)
+                pipe.set_progress_bar_config(disable=True)
+            else:
+                sample_fn = pipeline_sample_fn(pipe, num_tokens=args.num_tokens, guidance_scale=args.guidance_scale, **extra)
             start = time.perf_counter()
             result = evaluate_generation(sample_fn, labels, images, feature_networks=("lenet-fashion",),
                                          batch_size=args.batch_size, device=args.device)
             scores["rate"].append(args.num_samples / (time.perf_counter() - start))
             scores["fd"].append(result["fd/lenet-fashion"])
             scores["accuracy"].append(result["class_accuracy/lenet-fashion"])
+            if extra == "recovery":
+                counts = torch.tensor(sample_fn.distinct_codes, dtype=torch.float)
+                print(f"  {path}: {counts.mean():.1f} distinct codes per image (the recovery's K)", flush=True)
         k = args.num_tokens or transformer.config.num_tokens
         steps = k if pipe.generation_mode == "random" else transformer.config.num_patches
         print(f"| {name} | {len(paths)} | {steps} | {format_seed_spread(scores['fd'], 2)} | "
@@ -179,10 +234,14 @@ def main():
     part.add_argument("--mergear", nargs="+", required=True, help="MergeAR folders, one per training seed")
     part.add_argument("--randar", nargs="+", required=True, help="MergeRandAR folders, one per training seed")
     part.add_argument("--linear-schedule", action="store_true", help="also MergeRandAR with a linear guidance schedule")
+    part.add_argument("--through-recovery", action="store_true",
+                      help="also MergeAR's samples decoded through the recovery's map of their merged tokens")
     part.add_argument("--num-tokens", type=int, default=None)
     part.add_argument("--num-samples", type=int, default=2000)
     part.add_argument("--batch-size", type=int, default=100)
     part.add_argument("--guidance-scale", "--cfg", type=float, default=2.0)
+    part.add_argument("--reference", choices=("heldout", "test"), default="test",
+                      help="compare samples with held-out training images (for choosing) or test images (for reporting)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -143,9 +143,11 @@ def test_cached_generation_equals_no_cache_recomputation(model, given_order):
         code_logits, position_logits = codes_at_slots(model, labels, out.generated_tokens, out.generation_order)
     torch.testing.assert_close(out.scores, code_logits.float(), atol=1e-4, rtol=1e-4)
     assert torch.equal(code_logits.argmax(-1), out.generated_tokens)  # token for token
-    if not given_order:  # the position head's greedy choices, with used positions masked
+    if not given_order:  # position 0 first (every tokenised image holds it), then the position head's greedy choices
+        assert (out.generation_order[:, 0] == 0).all()
         used = torch.zeros(len(labels), L, dtype=torch.bool)
-        for step in range(K):
+        used[:, 0] = True
+        for step in range(1, K):
             choice = position_logits[:, step].masked_fill(used, float("-inf")).argmax(-1)
             assert torch.equal(choice, out.generation_order[:, step])
             used[torch.arange(len(labels)), choice] = True

@@ -381,8 +381,9 @@ class MergeRandARForCausalLM(MergeARGeneratorMixin, MergeRandARPreTrainedModel):
             class_labels: ``[B]`` class ids (``num_classes`` = null class).
             num_tokens: K (an int, the same for the batch; default ``config.num_tokens``, or the length of
                 ``positions``).
-            positions: the generation order, ``[K]`` or ``[B, K]`` distinct grid positions; ``None`` samples each
-                next position from the position head among the unused ones (argmax with ``do_sample=False``).
+            positions: the generation order, ``[K]`` or ``[B, K]`` distinct grid positions; ``None`` starts at
+                position 0, which every tokenised image holds, and samples each next position from the position head
+                among the unused ones (argmax with ``do_sample=False``).
             guidance_scale: classifier-free guidance ``u + s (c - u)`` on the code logits, as one batched forward of
                 ``[cond; uncond]`` rows; ``None`` or 1 = off. Positions are read from the conditional rows.
             guidance_schedule: ``"constant"`` or ``"linear"`` (RandAR): the scale rises from 1 at the first token
@@ -428,6 +429,10 @@ class MergeRandARForCausalLM(MergeARGeneratorMixin, MergeRandARPreTrainedModel):
         for step in range(num_tokens):
             if order is not None:
                 position = order[:, step]
+            elif step == 0:
+                # Every tokenised image holds position 0 (the top-left patch starts its group), so the first step
+                # takes it; the position head, trained on random orders, has seen it first as often as any step.
+                position = torch.zeros(batch, dtype=torch.long, device=self.device)
             else:
                 position_logits = self.position_head(hidden[:batch]).float().masked_fill(used, float("-inf"))
                 position = _sample(position_logits.softmax(-1), generator) if do_sample else position_logits.argmax(-1)
