@@ -12,8 +12,9 @@ Three parts, each printing a markdown table (benchmarks/RESULTS.md, "Random-orde
   true parent. Paper, ImageNet G+R: rFID 1.48 (true) -> 1.71 (predicted).
 * ``generation --tokenizer DIR --mergear DIR... --randar DIR...``: FD and class accuracy (LeNet) of class-conditional
   samples of both generators on the same tokenizer, against Fashion-MNIST test images (``--reference heldout``:
-  training images no generator saw, for choosing settings); one folder per training seed,
-  scored with the same sample seeds, then the mean and (lowest-highest) over seeds.
+  training images no generator saw, for choosing settings); one folder per training seed, scored with the same
+  sample seeds, then the mean and (lowest-highest) over seeds. ``--through-recovery`` adds MergeAR's samples decoded
+  through the recovery's map of their merged tokens: what the decoding path alone costs, on MergeAR's content.
 
 Usage:
     python benchmarks/bench_randar.py speed [--threads N]
