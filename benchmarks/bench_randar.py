@@ -29,6 +29,7 @@ import time
 import torch
 
 from mergevq_hf import MergeARConfig, MergeARForCausalLM, MergeRandARConfig, MergeRandARForCausalLM, MergeVQModel
+from mergevq_hf.cache_mergear import first_occurrence
 from mergevq_hf.source_recovery import SourceRecovery
 
 SPEED_CASES = [(16, 144, 1), (16, 144, 16), (32, 256, 1), (32, 256, 16)]  # (grid side, K, batch)
@@ -87,11 +88,11 @@ def fashion_test_images(image_size: int, num_samples: int):
 
 
 def fashion_heldout_images(image_size: int, num_samples: int):
-    """Training images from index 50,000 on: no generator saw them (they train on the first 30,000); for choosing."""
+    """Training images that no generator saw, for choosing settings."""
     from mergevq_hf.evaluation import dataset_to_tensors
-    from mergevq_hf.training import load_image_dataset
+    from mergevq_hf.training import FASHION_MNIST_HELDOUT_ROWS, load_image_dataset
 
-    heldout = load_image_dataset("fashion_mnist", "train").select(range(50000, 60000))
+    heldout = load_image_dataset("fashion_mnist", "train").select(FASHION_MNIST_HELDOUT_ROWS)
     return dataset_to_tensors(heldout, image_size, num_samples=num_samples, seed=0)
 
 
@@ -134,21 +135,17 @@ def recon(args):
 
 
 def merged_tokens(raster_codes: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each row of ``[N, L]`` raster codes as merged tokens: its distinct codes and where each first appears (a
-    repeated code rejoins its group in MergeAR's reading), in grid order."""
-    tokens = []
-    for row in raster_codes.tolist():
-        first = {}
-        for position, code in enumerate(row):
-            first.setdefault(code, position)
-        positions = torch.tensor(sorted(first.values()))
-        tokens.append((raster_codes.new_tensor(row)[positions], positions))
-    return tokens
+    """Each row of ``[N, L]`` raster codes as merged tokens: its distinct codes at the grid positions where each first
+    appears (a repeated code rejoins its group in MergeAR's reading), in grid order."""
+    return [(row[first], first.nonzero()[:, 0]) for row, first in zip(raster_codes, first_occurrence(raster_codes))]
 
 
 def raster_through_recovery_sample_fn(pipe, **call_kwargs):
     """MergeAR's samples decoded through the source map the recovery predicts from their merged tokens, instead of
-    through their own raster codes: the decoding path of random order applied to MergeAR's content."""
+    through their own raster codes: the decoding path of random order applied to MergeAR's content. The sampler's
+    ``distinct_codes`` collects each image's token count."""
+    pipe.set_progress_bar_config(disable=True)
+
     def sample(class_labels, generator):
         steps = []
 
@@ -195,7 +192,6 @@ def generation(args):
             pipe = MergeVQPipeline(vq_model=vq_model, transformer=transformer)
             if extra == "recovery":
                 sample_fn = raster_through_recovery_sample_fn(pipe, num_tokens=args.num_tokens, guidance_scale=args.guidance_scale)
-                pipe.set_progress_bar_config(disable=True)
             else:
                 sample_fn = pipeline_sample_fn(pipe, num_tokens=args.num_tokens, guidance_scale=args.guidance_scale, **extra)
             start = time.perf_counter()

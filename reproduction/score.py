@@ -43,7 +43,7 @@ from mergevq_hf.bundled import bundled_model_path
 from mergevq_hf.cache_mergear import MergeARCache
 from mergevq_hf.evaluation import dataset_to_tensors, evaluate_generation, evaluate_reconstruction, evaluate_representation
 from mergevq_hf.evaluation.sampling import batch_generator
-from mergevq_hf.training import load_fashion_mnist
+from mergevq_hf.training import FASHION_MNIST_HELDOUT_ROWS, load_fashion_mnist
 
 from .alignment import alignment_table
 from .generators import ablation_table, curve_table, generate_codes, samples_table
@@ -278,8 +278,8 @@ def run(args: argparse.Namespace) -> None:
         if args.write:
             write_section(args.write, "alignment", body)
     if parts & {"ablations", "curves", "guidance", "k25"}:
-        if args.reference == "heldout":  # training images from index 50,000: no generator trained on them (they use the first 30,000)
-            reference = dataset_to_tensors(load_fashion_mnist("train").select(range(50000, 60000)), 32, num_samples=args.num_generated, seed=0)
+        if args.reference == "heldout":
+            reference = dataset_to_tensors(load_fashion_mnist("train").select(FASHION_MNIST_HELDOUT_ROWS), 32, num_samples=args.num_generated, seed=0)
         else:
             reference = test_images[: args.num_generated], test_labels[: args.num_generated]
         tables = {
