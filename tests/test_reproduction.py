@@ -12,6 +12,7 @@ from diffusers import VQModel
 from mergevq_hf import MergeVQConfig, MergeVQModel
 from mergevq_hf.evaluation import format_seed_spread
 from mergevq_hf.configuration_randar import MergeRandARConfig
+from mergevq_hf.training import FASHION_MNIST_HELDOUT_ROWS, load_fashion_mnist
 from mergevq_hf.training.train_source_recovery import build_recovery
 from mergevq_hf.training.trainer_mergear import mergear_config_for_tokenizer
 from reproduction import train
@@ -204,6 +205,21 @@ def test_every_recipe_parses_with_its_trainer_and_builds_a_valid_config(repo_roo
             config_class = MergeRandARConfig if model_args.generation_mode == "random" else None
             config = mergear_config_for_tokenizer(model_args.preset, tokenizer_config, 10, config_class=config_class, **overrides)
             assert all(getattr(config, field) == value for field, value in overrides.items()), name
+
+
+def test_generators_and_recoveries_never_train_on_the_heldout_rows():
+    """Settings are chosen on FASHION_MNIST_HELDOUT_ROWS: every generator and recovery recipe must train on rows before them."""
+    assert FASHION_MNIST_HELDOUT_ROWS.stop <= len(load_fashion_mnist("train"))
+    trained = 0
+    for name in train.RECIPES:
+        job = train.training_job(name)
+        if job.trainer not in (train.MERGEAR_TRAINER, train.RECOVERY_TRAINER):
+            continue
+        data_args = importlib.import_module(job.trainer).parse_args(job.arguments)[1]
+        assert (data_args.dataset, data_args.split) == ("fashion_mnist", "train"), name
+        assert data_args.max_train_samples is not None and data_args.max_train_samples <= FASHION_MNIST_HELDOUT_ROWS.start, name
+        trained += 1
+    assert trained >= 10  # the generator ablations and the recoveries were all looked at
 
 
 def test_help_lists_the_subcommands_and_every_recipe(capsys):

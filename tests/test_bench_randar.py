@@ -1,0 +1,49 @@
+"""benchmarks/bench_randar.py's own pieces: MergeAR's samples read as merged tokens and decoded through the recovery."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def bench(load_script):
+    return load_script("benchmarks/bench_randar.py")
+
+
+def test_merged_tokens_keep_each_distinct_code_at_its_first_position(bench):
+    raster = torch.tensor([[5, 5, 7, 5, 9, 7], [3, 3, 3, 3, 3, 3]])
+    (codes, positions), (single, at) = bench.merged_tokens(raster)
+    assert codes.tolist() == [5, 7, 9] and positions.tolist() == [0, 2, 4]
+    assert single.tolist() == [3] and at.tolist() == [0]
+
+
+def test_through_recovery_with_a_perfect_recovery_gives_the_pipelines_own_images(bench, make_tiny_pipeline, monkeypatch):
+    """Were the recovery exact, MergeAR's samples read back as merged tokens would decode to the pipeline's own images:
+    the collected codes, their grid positions and the [-1, 1] range all have to be right for this to hold."""
+    pipe = make_tiny_pipeline(seed=3)
+    labels = torch.tensor([1, 4, 7])
+    raster = []
+
+    def keep(pipeline, step, timestep, tensors):
+        raster.append(tensors["next_tokens"].clone())
+        return tensors
+
+    own = pipe(class_labels=labels, generator=torch.Generator().manual_seed(11), output_type="pt", num_tokens=16,
+               callback_on_step_end=keep).images * 2 - 1
+    raster = torch.stack(raster, 1)
+    exact_maps = []
+    for row, (codes, positions) in zip(raster, bench.merged_tokens(raster)):
+        exact_maps.append((codes, positions, (row[:, None] == codes[None]).long().argmax(1)))
+    assert any(len(codes) < raster.shape[1] for codes, _, _ in exact_maps)  # some codes repeat: a real merge
+
+    def exact_recovery(codes, positions):
+        expected_codes, expected_positions, source_map = exact_maps.pop(0)
+        torch.testing.assert_close(codes[0], expected_codes)
+        torch.testing.assert_close(positions[0], expected_positions)
+        return source_map[None]
+
+    monkeypatch.setattr(pipe.vq_model, "predict_source_map", exact_recovery)
+    sample = bench.raster_through_recovery_sample_fn(pipe, num_tokens=16)
+    images = sample(labels, torch.Generator().manual_seed(11))
+    assert not exact_maps
+    assert sample.distinct_codes == [len(set(row.tolist())) for row in raster]
+    torch.testing.assert_close(images, own.clamp(-1, 1), atol=2e-3, rtol=0)
