@@ -14,7 +14,10 @@ Three parts, each printing a markdown table (benchmarks/RESULTS.md, "Random-orde
   samples of both generators on the same tokenizer, against Fashion-MNIST test images (``--reference heldout``:
   training images no generator saw, for choosing settings); one folder per training seed, scored with the same
   sample seeds, then the mean and (lowest-highest) over seeds. ``--through-recovery`` adds MergeAR's samples decoded
-  through the recovery's map of their merged tokens: what the decoding path alone costs, on MergeAR's content.
+  through the recovery's map of their merged tokens: what the decoding path alone costs, on MergeAR's content
+  (it also prints how many distinct codes MergeAR made per image). ``--randar-num-tokens K...`` asks random order for
+  other K than MergeAR: an ungated MergeAR asked for K makes more distinct codes than K, so equal K is not an equal
+  token count.
 
 Usage:
     python benchmarks/bench_randar.py speed [--threads N]
@@ -23,6 +26,7 @@ Usage:
 """
 
 import argparse
+import gc
 import platform
 import time
 
@@ -179,21 +183,24 @@ def generation(args):
           "seed, mean (lowest-highest)\n")
     print("| generator | seeds | steps / image | FD-LeNet | class accuracy (LeNet) | images/s |")
     print("|---|---|---|---|---|---|")
-    rows = [("MergeAR (raster)", args.mergear, MergeARForCausalLM, {}),
-            ("MergeRandAR (random order)", args.randar, MergeRandARForCausalLM, {})]
-    if args.linear_schedule:
-        rows.append(("MergeRandAR, linear CFG", args.randar, MergeRandARForCausalLM, {"guidance_schedule": "linear"}))
+    # (name, folders, class, K asked for, extra pipeline arguments or "recovery")
+    rows = [("MergeAR (raster)", args.mergear, MergeARForCausalLM, args.num_tokens, {})]
+    for k in args.randar_num_tokens or [args.num_tokens]:
+        at_k = "" if k == args.num_tokens else f", K = {k}"
+        rows.append((f"MergeRandAR (random order){at_k}", args.randar, MergeRandARForCausalLM, k, {}))
+        if args.linear_schedule:
+            rows.append((f"MergeRandAR, linear CFG{at_k}", args.randar, MergeRandARForCausalLM, k, {"guidance_schedule": "linear"}))
     if args.through_recovery:
-        rows.append(("MergeAR (raster), decoded through the source recovery", args.mergear, MergeARForCausalLM, "recovery"))
-    for name, paths, model_class, extra in rows:
+        rows.append(("MergeAR (raster), decoded through the source recovery", args.mergear, MergeARForCausalLM, args.num_tokens, "recovery"))
+    for name, paths, model_class, num_tokens, extra in rows:
         scores = {"fd": [], "accuracy": [], "rate": []}
         for path in paths:
             transformer = model_class.from_pretrained(path).eval().to(args.device)
             pipe = MergeVQPipeline(vq_model=vq_model, transformer=transformer)
             if extra == "recovery":
-                sample_fn = raster_through_recovery_sample_fn(pipe, num_tokens=args.num_tokens, guidance_scale=args.guidance_scale)
+                sample_fn = raster_through_recovery_sample_fn(pipe, num_tokens=num_tokens, guidance_scale=args.guidance_scale)
             else:
-                sample_fn = pipeline_sample_fn(pipe, num_tokens=args.num_tokens, guidance_scale=args.guidance_scale, **extra)
+                sample_fn = pipeline_sample_fn(pipe, num_tokens=num_tokens, guidance_scale=args.guidance_scale, **extra)
             start = time.perf_counter()
             result = evaluate_generation(sample_fn, labels, images, feature_networks=("lenet-fashion",),
                                          batch_size=args.batch_size, device=args.device)
@@ -203,7 +210,7 @@ def generation(args):
             if extra == "recovery":
                 counts = torch.tensor(sample_fn.distinct_codes, dtype=torch.float)
                 print(f"  {path}: {counts.mean():.1f} distinct codes per image (the recovery's K)", flush=True)
-        k = args.num_tokens or transformer.config.num_tokens
+        k = num_tokens or transformer.config.num_tokens
         steps = k if pipe.generation_mode == "random" else transformer.config.num_patches
         print(f"| {name} | {len(paths)} | {steps} | {format_seed_spread(scores['fd'], 2)} | "
               f"{format_seed_spread(scores['accuracy'], 3)} | {sum(scores['rate']) / len(paths):.1f} |")
@@ -234,12 +241,17 @@ def main():
     part.add_argument("--through-recovery", action="store_true",
                       help="also MergeAR's samples decoded through the recovery's map of their merged tokens")
     part.add_argument("--num-tokens", type=int, default=None)
+    part.add_argument("--randar-num-tokens", type=int, nargs="+", default=None,
+                      help="MergeRandAR at these K instead (one row each): an ungated MergeAR makes more distinct codes "
+                           "than --num-tokens asks for, so equal K is not an equal token count")
     part.add_argument("--num-samples", type=int, default=2000)
     part.add_argument("--batch-size", type=int, default=100)
     part.add_argument("--guidance-scale", "--cfg", type=float, default=2.0)
     part.add_argument("--reference", choices=("heldout", "test"), default="test",
                       help="compare samples with held-out training images (for choosing) or test images (for reporting)")
     args = parser.parse_args()
+    gc.collect()
+    gc.freeze()  # the imported libraries' objects: no collection in the decoding loops scans them again
     if args.threads:
         torch.set_num_threads(args.threads)
     {"speed": speed, "recon": recon, "generation": generation}[args.part](args)
