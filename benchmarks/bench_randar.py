@@ -19,6 +19,9 @@ Three parts, each printing a markdown table (benchmarks/RESULTS.md, "Random-orde
   other K than MergeAR: an ungated MergeAR asked for K makes more distinct codes than K, so equal K is not an equal
   token count.
 
+Python's GC is frozen after the imports, for every part (the libraries' objects would otherwise be rescanned during
+the decoding loops).
+
 Usage:
     python benchmarks/bench_randar.py speed [--threads N]
     python benchmarks/bench_randar.py recon --tokenizer src/mergevq_hf/pretrained/mergevq-fashion-mnist-tiny/vq_model
