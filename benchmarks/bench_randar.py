@@ -10,14 +10,15 @@ Three parts, each printing a markdown table (benchmarks/RESULTS.md, "Random-orde
   map vs the source map that the learned source recovery predicts from the K codes alone (what random-order
   generation has to use). PSNR, FD on the Fashion-MNIST LeNet (rFID-style), and how many positions get their
   true parent. Paper, ImageNet G+R: rFID 1.48 (true) -> 1.71 (predicted).
-* ``generation --tokenizer DIR --mergear DIR... --randar DIR...``: FD and class accuracy (LeNet) of class-conditional
+* ``generation --tokenizer DIR [--mergear DIR...] --randar DIR...``: FD and class accuracy (LeNet) of class-conditional
   samples of both generators on the same tokenizer, against Fashion-MNIST test images (``--reference heldout``:
   training images no generator saw, for choosing settings); one folder per training seed, scored with the same
   sample seeds, then the mean and (lowest-highest) over seeds. ``--through-recovery`` adds MergeAR's samples decoded
   through the recovery's map of their merged tokens: what the decoding path alone costs, on MergeAR's content
   (it also prints how many distinct codes MergeAR made per image). ``--randar-num-tokens K...`` asks random order for
   other K than MergeAR: an ungated MergeAR asked for K makes more distinct codes than K, so equal K is not an equal
-  token count.
+  token count. ``--randar-sampling sub_token joint`` scores random order drawing per sub-token (the default, as MergeAR
+  draws) and from the exact joint.
 
 Python's GC is frozen after the imports, for every part (the libraries' objects would otherwise be rescanned during
 the decoding loops).
@@ -187,12 +188,15 @@ def generation(args):
     print("| generator | seeds | steps / image | FD-LeNet | class accuracy (LeNet) | images/s |")
     print("|---|---|---|---|---|---|")
     # (name, folders, class, K asked for, extra pipeline arguments or "recovery")
-    rows = [("MergeAR (raster)", args.mergear, MergeARForCausalLM, args.num_tokens, {})]
+    rows = [("MergeAR (raster)", args.mergear, MergeARForCausalLM, args.num_tokens, {})] if args.mergear else []
     for k in args.randar_num_tokens or [args.num_tokens]:
-        at_k = "" if k == args.num_tokens else f", K = {k}"
-        rows.append((f"MergeRandAR (random order){at_k}", args.randar, MergeRandARForCausalLM, k, {}))
-        if args.linear_schedule:
-            rows.append((f"MergeRandAR, linear CFG{at_k}", args.randar, MergeRandARForCausalLM, k, {"guidance_schedule": "linear"}))
+        for sampling in args.randar_sampling:
+            at_k = ("" if k == args.num_tokens else f", K = {k}") + ("" if sampling == "sub_token" else ", exact joint")
+            rows.append((f"MergeRandAR (random order){at_k}", args.randar, MergeRandARForCausalLM, k,
+                         {"sampling": sampling}))
+            if args.linear_schedule:
+                rows.append((f"MergeRandAR, linear CFG{at_k}", args.randar, MergeRandARForCausalLM, k,
+                             {"sampling": sampling, "guidance_schedule": "linear"}))
     if args.through_recovery:
         rows.append(("MergeAR (raster), decoded through the source recovery", args.mergear, MergeARForCausalLM, args.num_tokens, "recovery"))
     for name, paths, model_class, num_tokens, extra in rows:
@@ -238,9 +242,12 @@ def main():
     part.add_argument("--batch-size", type=int, default=250)
     part = parts.add_parser("generation")
     part.add_argument("--tokenizer", required=True)
-    part.add_argument("--mergear", nargs="+", required=True, help="MergeAR folders, one per training seed")
+    part.add_argument("--mergear", nargs="*", default=[], help="MergeAR folders, one per training seed (none: random order only)")
     part.add_argument("--randar", nargs="+", required=True, help="MergeRandAR folders, one per training seed")
     part.add_argument("--linear-schedule", action="store_true", help="also MergeRandAR with a linear guidance schedule")
+    part.add_argument("--randar-sampling", nargs="+", choices=("sub_token", "joint"), default=["sub_token"],
+                      help="how MergeRandAR draws a code (one row each): per sub-token (its default, as MergeAR's) or "
+                           "from the exact joint")
     part.add_argument("--through-recovery", action="store_true",
                       help="also MergeAR's samples decoded through the recovery's map of their merged tokens")
     part.add_argument("--num-tokens", type=int, default=None)
@@ -253,6 +260,8 @@ def main():
     part.add_argument("--reference", choices=("heldout", "test"), default="test",
                       help="compare samples with held-out training images (for choosing) or test images (for reporting)")
     args = parser.parse_args()
+    if args.part == "generation" and args.through_recovery and not args.mergear:
+        parser.error("--through-recovery decodes MergeAR's samples: it needs --mergear")
     gc.collect()
     gc.freeze()  # the imported libraries' objects: no collection in the decoding loops scans them again
     if args.threads:

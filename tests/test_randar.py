@@ -23,7 +23,7 @@ NUM_CLASSES, L, K = 10, 64, 16
 def tiny_randar(seed=0, **overrides):
     torch.manual_seed(seed)
     config = MergeRandARConfig.from_preset(
-        "tiny", codebook_bits=10, factorized_bits=[4, 6], num_classes=NUM_CLASSES, **overrides
+        "tiny", **{"codebook_bits": 10, "factorized_bits": [4, 6], "num_classes": NUM_CLASSES, **overrides}
     )
     model = MergeRandARForCausalLM(config).eval()
     # The heads start at zero (uniform predictions); random heads make greedy decoding a real test.
@@ -173,6 +173,57 @@ def test_batched_cfg_equals_two_forward_reference(model, schedule):
     assert torch.equal(out.generated_tokens, expected.argmax(-1))
 
 
+def sub_token_logits_at_slots(model, class_labels, codes, order):
+    """No-cache recomputation of both sub-tokens' logits at every P slot, the high bits' given the codes' low bits."""
+    input_ids, grid = model.build_sequence(class_labels, codes, order)
+    hidden = model.model(input_ids, grid).last_hidden_state[:, 2::2]
+    low_logits, head_cache = model.lm_head.predict_low(hidden.flatten(0, 1))
+    high_logits = model.lm_head.predict_high(codes.flatten() % 2**model.lm_head.low_bits, head_cache)
+    return low_logits.view(*codes.shape, -1), high_logits.view(*codes.shape, -1)
+
+
+@pytest.mark.parametrize("scale, schedule", [(None, "constant"), (3.0, "constant"), (3.0, "linear")])
+def test_sub_token_sampling_guides_each_sub_token(model, scale, schedule):
+    # Sampling with a factorised head draws the low bits, then the high bits given them (the default), and
+    # guidance acts on each sub-token's logits: check both against a recomputation without cache.
+    labels = [1, 4]
+    out = model.generate(labels, num_tokens=K, guidance_scale=scale, guidance_schedule=schedule, output_scores=True,
+                         generator=torch.Generator().manual_seed(0))
+    assert out.scores is None and out.low_scores.shape == (2, K, 16) and out.high_scores.shape == (2, K, 64)
+    with torch.no_grad():
+        cond = sub_token_logits_at_slots(model, labels, out.generated_tokens, out.generation_order)
+        uncond = sub_token_logits_at_slots(model, [NUM_CLASSES] * 2, out.generated_tokens, out.generation_order)
+    scales = torch.full((K,), scale or 1.0) if schedule == "constant" else torch.linspace(1, scale, K)
+    for recorded, c, u in zip((out.low_scores, out.high_scores), cond, uncond):
+        expected = u + scales[None, :, None] * (c - u)
+        torch.testing.assert_close(recorded, expected.float(), atol=1e-4, rtol=1e-4)
+    # Greedy per sub-token takes the arg-max of each.
+    greedy = model.generate(labels, num_tokens=K, positions=out.generation_order, do_sample=False,
+                            sampling="sub_token", output_scores=True)
+    low, high = greedy.generated_tokens % 16, greedy.generated_tokens // 16
+    assert torch.equal(low, greedy.low_scores.argmax(-1)) and torch.equal(high, greedy.high_scores.argmax(-1))
+
+
+def test_sub_token_and_joint_sampling_draw_from_the_same_distribution():
+    # Without guidance or filters, drawing the low bits and then the high bits given them is an exact draw from
+    # the joint: compare the mean log-probability of the draws and their low-bit histogram with the exact joint.
+    model = tiny_randar()
+    with torch.no_grad():  # flatten the low bits (the random head puts ~0.98 on one value), so a wrong draw shows
+        model.lm_head.low_head.weight.mul_(0.1)
+    rows = 6000
+    labels = [5] * rows
+    joint = model.generate(labels[:1], positions=[0], do_sample=False, output_scores=True).scores[0, 0]
+    log_probs = joint.log_softmax(-1)
+    low_marginal = log_probs.exp().view(64, 16).sum(0)  # code = (high << 4) | low
+    expected_log_prob = (log_probs.exp() * log_probs).sum()
+    for sampling in ("sub_token", "joint"):
+        codes = model.generate(labels, positions=[0], sampling=sampling,
+                               generator=torch.Generator().manual_seed(0)).generated_tokens[:, 0]
+        histogram = torch.bincount(codes % 16, minlength=16).float() / rows
+        assert float((histogram - low_marginal).abs().sum()) / 2 < 0.045, sampling
+        torch.testing.assert_close(log_probs[codes].mean(), expected_log_prob, atol=0.1, rtol=0)
+
+
 def test_sampling_is_seeded(model):
     def run(seed):
         return model.generate([3, 3], num_tokens=K, top_k=20, top_p=0.9, temperature=1.2, guidance_scale=1.5,
@@ -228,6 +279,20 @@ def test_pipeline_modes_round_trip_through_save_load(vq_model, tmp_path, mode):
     assert type(component) is type(pipe.transformer)
 
 
+@pytest.mark.parametrize("mode", ["raster", "random"])
+def test_pipeline_passes_sampling_to_the_generator(vq_model, mode):
+    pipe = pipelines(vq_model)[mode]
+    pipe.set_progress_bar_config(disable=True)
+
+    def images(sampling):
+        return pipe([1, 2], output_type="pt", num_tokens=K, sampling=sampling,
+                    generator=torch.Generator().manual_seed(0)).images
+
+    default = images(None)
+    torch.testing.assert_close(images("sub_token"), default)  # a factorised head samples per sub-token by default
+    assert not torch.allclose(images("joint"), default)
+
+
 def test_random_mode_hub_export_carries_the_code(vq_model, tmp_path):
     import json
 
@@ -257,6 +322,8 @@ def test_bad_inputs_raise_clear_errors(model, vq_model):
         (lambda: model.generate([1], temperature=0), "temperature"),
         (lambda: model.generate([1], guidance_scale=2.0, guidance_schedule="cosine"), "guidance_schedule"),
         (lambda: model.generate([1], top_p=1.5), "top_p"),
+        (lambda: model.generate([1], sampling="exact"), "sampling must be"),
+        (lambda: tiny_randar(factorized_bits=None).generate([1], sampling="sub_token"), "needs a factorised head"),
         (lambda: model(class_labels=[1], labels=codes), "together"),
         (lambda: model(class_labels=[1], labels=codes, token_positions=order[:, :-1]), "both be"),
         (lambda: model(class_labels=[1, 2], labels=codes, token_positions=order), "rows"),
@@ -275,6 +342,8 @@ def test_bad_inputs_raise_clear_errors(model, vq_model):
         pipes["raster"]([1], guidance_schedule="linear")
     with pytest.raises(ValueError, match="guidance_schedule must be"):
         pipes["random"]([1], guidance_schedule="cosine")
+    with pytest.raises(ValueError, match="sampling must be"):
+        pipes["random"]([1], sampling="exact")
     no_recovery = MergeVQModel(MergeVQConfig.from_preset("tiny", use_source_recovery=False))
     with pytest.raises(ValueError, match="use_source_recovery"):
         MergeVQPipeline(vq_model=no_recovery, transformer=model)

@@ -476,8 +476,8 @@ def gated_log_probs(log_probs, repeat_logits, held):
 
 
 class MergeARGeneratorMixin:
-    """What MergeAR and MergeRandAR share on top of their backbones: the code head, its logits and loss, and the
-    class-label check. The head is factorised (``config.factorized_bits``) or a dense ``nn.Linear`` up to 14 bits."""
+    """What MergeAR and MergeRandAR share on top of their backbones: the code head, its logits and loss, how
+    ``generate`` draws a code from it (``sampling``), and the class-label check. The head is factorised (``config.factorized_bits``) or a dense ``nn.Linear`` up to 14 bits."""
 
     def _init_code_head(self, config: MergeARConfig) -> None:
         if config.factorized_bits is None:
@@ -491,6 +491,21 @@ class MergeARGeneratorMixin:
         if isinstance(self.lm_head, MergeARFactorizedHead):
             return self.lm_head.joint_log_probs(hidden_states)
         return self.lm_head(hidden_states)
+
+    def _resolve_sampling(self, sampling, do_sample: bool, num_beams: int = 1) -> str:
+        """``generate``'s ``sampling`` argument: ``"sub_token"`` (a factorised head, sampling, one beam) or ``"joint"``."""
+        if sampling is not None and sampling not in SAMPLING_MODES:
+            raise ValueError(f"sampling must be None or one of {SAMPLING_MODES}, got {sampling!r}.")
+        factorised = isinstance(self.lm_head, MergeARFactorizedHead)
+        if sampling == "sub_token" and not factorised:
+            raise ValueError(
+                "sampling='sub_token' needs a factorised head (config.factorized_bits); this one is dense."
+            )
+        if sampling == "sub_token" and num_beams > 1:
+            raise ValueError("Beam search scores whole codes: use sampling='joint' (the default with num_beams > 1).")
+        if sampling is None:
+            sampling = "sub_token" if factorised and do_sample and num_beams == 1 else "joint"
+        return sampling
 
     def _code_loss(self, hidden_states, codes):
         """Teacher-forced loss of ``codes`` ``[...]`` from states ``[..., d]``: mean ``CE(lo) + CE(hi | true lo)``
@@ -770,7 +785,7 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
         if config.use_cache and model_kwargs.get("cache") is None and model_kwargs.get("past_key_values") is None:
             model_kwargs["cache"] = MergeARCache(self.config)
 
-        sampling = self._resolve_sampling(sampling, config)
+        sampling = self._resolve_sampling(sampling, config.do_sample, config.num_beams)
         if generators is not None and (config.num_beams > 1 or not config.do_sample):
             raise ValueError("generators need do_sample=True with one beam (each row draws from its own generator).")
         if sampling == "sub_token" or generators is not None:
@@ -862,20 +877,6 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
                 f"generation config asks for {new_tokens} new tokens."
             )
         config.max_new_tokens, config.max_length = new_tokens, None
-
-    def _resolve_sampling(self, sampling, config) -> str:
-        if sampling is not None and sampling not in SAMPLING_MODES:
-            raise ValueError(f"sampling must be None or one of {SAMPLING_MODES}, got {sampling!r}.")
-        factorised = isinstance(self.lm_head, MergeARFactorizedHead)
-        if sampling == "sub_token" and not factorised:
-            raise ValueError(
-                "sampling='sub_token' needs a factorised head (config.factorized_bits); this one is dense."
-            )
-        if sampling == "sub_token" and config.num_beams > 1:
-            raise ValueError("Beam search scores whole codes: use sampling='joint' (the default with num_beams > 1).")
-        if sampling is None:
-            sampling = "sub_token" if factorised and config.do_sample and config.num_beams == 1 else "joint"
-        return sampling
 
     def image_tokens_from_sequences(self, sequences) -> torch.LongTensor:
         """``[N, 2 + L]`` generated sequences (or a generate output) -> ``[N, L]`` raster codes."""

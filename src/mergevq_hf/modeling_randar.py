@@ -55,7 +55,7 @@ from .modeling_mergear import (
     MergeARPreTrainedModel,
     rotary_2d,
 )
-from .quantization_lfq import split_indices  # noqa: F401  (modeling_mergear's sibling)
+from .quantization_lfq import merge_indices
 from .sampling_utils import (
     check_guidance_scale, check_guidance_schedule, check_sampling_arguments, renamed_keyword, sample_rows,
 )
@@ -99,7 +99,10 @@ class MergeRandARGenerationOutput(ModelOutput):
     generation_order: ``[B, K]`` positions in the order they were generated.
     generated_tokens: ``[B, K]`` the codes in the order they were generated.
     scores: ``[B, K, V]`` the code logits of every step, after guidance and before temperature / top-k / top-p,
-        in generation order (only with ``output_scores=True``).
+        in generation order (only with ``output_scores=True`` and ``sampling="joint"``).
+    low_scores, high_scores: ``[B, K, 2**low_bits]`` and ``[B, K, 2**high_bits]``: the same for the two sub-tokens
+        (the high bits' given the low bits drawn at that step), with ``output_scores=True`` and
+        ``sampling="sub_token"``.
     """
 
     image_tokens: torch.LongTensor | None = None
@@ -107,6 +110,8 @@ class MergeRandARGenerationOutput(ModelOutput):
     generation_order: torch.LongTensor | None = None
     generated_tokens: torch.LongTensor | None = None
     scores: torch.FloatTensor | None = None
+    low_scores: torch.FloatTensor | None = None
+    high_scores: torch.FloatTensor | None = None
 
 
 class MergeRandARPreTrainedModel(MergeARPreTrainedModel):
@@ -365,6 +370,7 @@ class MergeRandARForCausalLM(MergeARGeneratorMixin, MergeRandARPreTrainedModel):
         guidance_scale: float | None = None,
         guidance_schedule: str = "constant",
         do_sample: bool = True,
+        sampling: str | None = None,
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
@@ -390,9 +396,18 @@ class MergeRandARForCausalLM(MergeARGeneratorMixin, MergeRandARPreTrainedModel):
                 to ``guidance_scale`` at the last.
             do_sample, temperature, top_k, top_p: sampling of the codes (after guidance); greedy when
                 ``do_sample=False``.
+            sampling: how a code is drawn, as in ``MergeARForCausalLM.generate``:
+                - ``"sub_token"`` (default for a factorised head when sampling): the low bits, then the high bits
+                  given them, running the head twice per step. Guidance, temperature, top-k and top-p act on each
+                  sub-token's distribution.
+                - ``"joint"`` (default otherwise: greedy, dense head): the exact joint ``log p(lo) + log p(hi | lo)``
+                  over all ``V`` codes, which runs the head's second slot for every low value; guidance and the
+                  filters then act on whole codes.
+                Without guidance and filters both draw from the same distribution; guidance differs (the sub-token
+                rule guides each factor).
             generator: a ``torch.Generator`` for every random draw (positions and codes), or a list of one per row
                 (row i's positions and codes then come from ``generator[i]`` alone, whatever the batch).
-            output_scores: also return the per-step code logits.
+            output_scores: also return the per-step code logits (``scores``, or ``low_scores`` / ``high_scores``).
             callback: called after every step with the step index and the ``[B]`` codes just drawn (e.g. a progress
                 bar); a returned ``[B]`` tensor replaces those codes (the next step reads it).
             cfg_scale, cfg_schedule: deprecated names of ``guidance_scale`` and ``guidance_schedule``.
@@ -413,6 +428,7 @@ class MergeRandARForCausalLM(MergeARGeneratorMixin, MergeRandARPreTrainedModel):
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or not 1 <= num_tokens <= length:
             raise ValueError(f"num_tokens (K) must be an integer in [1, L = {length}], got {num_tokens!r}.")
 
+        sampling = self._resolve_sampling(sampling, do_sample)
         guided = guidance_scale is not None
         rows = torch.arange(batch, device=self.device)
         prompt = torch.stack([class_ids, torch.full_like(class_ids, self.model.merge_base + num_tokens)], 1)
@@ -421,11 +437,26 @@ class MergeRandARForCausalLM(MergeARGeneratorMixin, MergeRandARPreTrainedModel):
             prompt = torch.cat([prompt, torch.stack([null, prompt[:, 1]], 1)])
         warpers = [TopKLogitsWarper(top_k)] if top_k else []
         warpers += [TopPLogitsWarper(top_p)] if top_p is not None and top_p < 1 else []
+        scores = {"scores": [], "low_scores": [], "high_scores": []}
+
+        def draw(logits, name, scale):
+            """Guide ``[(2)B, n]`` logits, record them, then sample (or take the arg-max of) one value per row."""
+            logits = logits.float()
+            if guided:
+                logits = logits[batch:] + scale * (logits[:batch] - logits[batch:])
+            if output_scores:
+                scores[name].append(logits)
+            if not do_sample:
+                return logits.argmax(-1)
+            logits = logits / temperature
+            for warper in warpers:
+                logits = warper(None, logits)
+            return _sample(logits.softmax(-1), generator)
 
         cache = DynamicCache()
         hidden = self.model(prompt, torch.zeros_like(prompt), cache=cache).last_hidden_state[:, -1]
         used = torch.zeros(batch, length, dtype=torch.bool, device=self.device)
-        chosen, codes, scores = [], [], []
+        chosen, codes = [], []
         for step in range(num_tokens):
             if order is not None:
                 position = order[:, step]
@@ -446,21 +477,16 @@ class MergeRandARForCausalLM(MergeARGeneratorMixin, MergeRandARPreTrainedModel):
             if guided:
                 step_ids, step_grid = step_ids.repeat(2, 1), step_grid.repeat(2, 1)
             hidden = self.model(step_ids, step_grid, cache=cache).last_hidden_state[:, -1]
-            logits = self.logits(hidden).float()
-            if guided:
-                scale = guidance_scale
-                if guidance_schedule == "linear":
-                    scale = 1 + (guidance_scale - 1) * (step / (num_tokens - 1) if num_tokens > 1 else 1.0)
-                logits = logits[batch:] + scale * (logits[:batch] - logits[batch:])
-            if output_scores:
-                scores.append(logits)
-            if do_sample:
-                logits = logits / temperature
-                for warper in warpers:
-                    logits = warper(None, logits)
-                code = _sample(logits.softmax(-1), generator)
+            scale = guidance_scale
+            if guided and guidance_schedule == "linear":
+                scale = 1 + (guidance_scale - 1) * (step / (num_tokens - 1) if num_tokens > 1 else 1.0)
+            if sampling == "joint":
+                code = draw(self.logits(hidden), "scores", scale)
             else:
-                code = logits.argmax(-1)
+                low_logits, head_cache = self.lm_head.predict_low(hidden)
+                low = draw(low_logits, "low_scores", scale)
+                high_logits = self.lm_head.predict_high(low.repeat(2) if guided else low, head_cache)
+                code = merge_indices(low, draw(high_logits, "high_scores", scale), self.lm_head.low_bits)
             if callback is not None:
                 replacement = callback(step, code)
                 code = code if replacement is None else replacement
@@ -474,7 +500,7 @@ class MergeRandARForCausalLM(MergeARGeneratorMixin, MergeRandARPreTrainedModel):
             positions=sorted_positions,
             generation_order=generation_order,
             generated_tokens=codes,
-            scores=torch.stack(scores, 1) if output_scores else None,
+            **{name: torch.stack(values, 1) for name, values in scores.items() if values},
         )
 
 

@@ -156,6 +156,7 @@ class MergeVQPipeline(DiffusionPipeline):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("next_tokens",),
         token_budget: bool = False,
+        sampling: str | None = None,
     ):
         r"""
         Generate `num_images_per_class` images for each class id in `class_labels` (grouped by class, in order).
@@ -174,7 +175,7 @@ class MergeVQPipeline(DiffusionPipeline):
             guidance_schedule: `"constant"`, or `"linear"` (random mode only, as RandAR): the scale rises from 1 at
                 the first generated token to `guidance_scale` at the last.
             temperature, top_k, top_p: sampling controls applied after guidance (`top_k=None` or 0 and
-                `top_p=None` or 1.0 disable the filters). A MergeAR with a factorised head samples each code per
+                `top_p=None` or 1.0 disable the filters). Both generators, with a factorised head, sample each code per
                 sub-token (its low bits, then its high bits given them), and the filters act on each sub-token:
                 `top_k=k` keeps the k most likely low values, then the k most likely high values given the drawn
                 low value; `top_p` keeps the p-mass of each.
@@ -199,6 +200,10 @@ class MergeVQPipeline(DiffusionPipeline):
                 distinct codes it may only repeat them (its cache then holds at most 2 + K + W entries). Off by
                 default: on the bundled model it lowers sample quality (benchmarks/RESULTS.md). Random mode always
                 produces exactly K tokens.
+            sampling: how each code is drawn, as in the transformer's `generate`: None (default) or `"sub_token"`
+                draws a factorised head's low bits, then its high bits given them; `"joint"` draws whole codes from
+                the exact joint distribution (slower at large codebooks; guidance and the filters then act on whole
+                codes). A dense head always draws whole codes.
 
         A progress bar advances once per decoding step (L steps in raster mode, K in random mode); configure it
         with `set_progress_bar_config`.
@@ -206,7 +211,7 @@ class MergeVQPipeline(DiffusionPipeline):
         # 1. Check inputs
         labels, num_tokens, guidance_scale = self.check_inputs(
             class_labels, num_images_per_class, num_tokens, guidance_scale, guidance_schedule, temperature, top_k,
-            top_p, output_type, token_budget,
+            top_p, output_type, token_budget, sampling,
         )
         # 2. Prepare: one class id and one generator per image, the step callback
         batch_size = len(labels) * num_images_per_class
@@ -221,6 +226,7 @@ class MergeVQPipeline(DiffusionPipeline):
         shared = dict(  # what both generators take
             labels=labels, num_tokens=num_tokens, guidance_scale=guidance_scale, temperature=float(temperature),
             top_k=int(top_k or 0), top_p=None if top_p is None else float(top_p), generators=generators,
+            sampling=sampling,
         )
         with self.progress_bar(total=self.num_timesteps) as bar:
             after_step = _AfterEachStep(bar, step_callback)
@@ -243,7 +249,7 @@ class MergeVQPipeline(DiffusionPipeline):
 
     def check_inputs(
         self, class_labels, num_images_per_class, num_tokens, guidance_scale, guidance_schedule, temperature, top_k,
-        top_p, output_type, token_budget,
+        top_p, output_type, token_budget, sampling,
     ) -> tuple[torch.LongTensor, int, float | None]:
         """Raise a ValueError for any bad `__call__` argument (before any work); returns the class ids as a tensor,
         K and the guidance scale (None when guidance is off)."""
@@ -255,6 +261,7 @@ class MergeVQPipeline(DiffusionPipeline):
         check_sampling_arguments(temperature, top_k, top_p)
         if not isinstance(token_budget, bool):
             raise ValueError(f"token_budget must be True or False, got {token_budget!r}")
+        self.transformer._resolve_sampling(sampling, do_sample=True)
         check_guidance_schedule(guidance_schedule)
         if guidance_schedule != "constant" and self.generation_mode != "random":
             raise ValueError("guidance_schedule='linear' needs a random-order (MergeRandAR) transformer")
@@ -268,26 +275,28 @@ class MergeVQPipeline(DiffusionPipeline):
         return labels, num_tokens, guidance_scale
 
     def _generate_raster(
-        self, labels, num_tokens, guidance_scale, temperature, top_k, top_p, generators, token_budget, after_step
+        self, labels, num_tokens, guidance_scale, temperature, top_k, top_p, generators, sampling, token_budget,
+        after_step,
     ) -> torch.LongTensor:
         """MergeAR: codes [N, L] for the grid positions in raster order, from transformers' `generate`, which runs
         `after_step` as a stopping criterion (one that never stops)."""
         sequences = self.transformer.generate(
             class_labels=labels, num_tokens=num_tokens, guidance_scale=guidance_scale, do_sample=True,
             temperature=temperature, top_k=top_k, top_p=1.0 if top_p is None else top_p, token_budget=token_budget,
-            generators=generators, stopping_criteria=StoppingCriteriaList([after_step]),
+            sampling=sampling, generators=generators, stopping_criteria=StoppingCriteriaList([after_step]),
         )
         return self.transformer.image_tokens_from_sequences(sequences)
 
     def _generate_random_order(
-        self, labels, num_tokens, guidance_scale, temperature, top_k, top_p, generators, guidance_schedule, after_step
+        self, labels, num_tokens, guidance_scale, temperature, top_k, top_p, generators, sampling, guidance_schedule,
+        after_step,
     ) -> tuple[torch.LongTensor, torch.LongTensor]:
         """MergeRandAR: codes [N, K] of the merged tokens and their grid positions [N, K] (canonical order), generated
         in random order; its loop runs `after_step` after each token."""
         generated = self.transformer.generate(
             class_labels=labels, num_tokens=num_tokens, guidance_scale=guidance_scale,
             guidance_schedule=guidance_schedule, temperature=temperature, top_k=top_k, top_p=top_p,
-            generator=generators, callback=lambda step, codes: after_step.after_step(codes),
+            sampling=sampling, generator=generators, callback=lambda step, codes: after_step.after_step(codes),
         )
         return generated.image_tokens, generated.positions
 
