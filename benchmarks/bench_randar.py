@@ -189,6 +189,9 @@ def generation(args):
     print("|---|---|---|---|---|---|")
     # (name, folders, class, K asked for, extra pipeline arguments or "recovery")
     rows = [("MergeAR (raster)", args.mergear, MergeARForCausalLM, args.num_tokens, {})] if args.mergear else []
+    if args.mergear and args.linear_schedule:
+        rows.append(("MergeAR (raster), linear CFG", args.mergear, MergeARForCausalLM, args.num_tokens,
+                     {"guidance_schedule": "linear"}))
     for k in args.randar_num_tokens or [args.num_tokens]:
         for sampling in args.randar_sampling:
             at_k = ("" if k == args.num_tokens else f", K = {k}") + ("" if sampling == "sub_token" else ", exact joint")
@@ -244,7 +247,7 @@ def main():
     part.add_argument("--tokenizer", required=True)
     part.add_argument("--mergear", nargs="*", default=[], help="MergeAR folders, one per training seed (none: random order only)")
     part.add_argument("--randar", nargs="+", required=True, help="MergeRandAR folders, one per training seed")
-    part.add_argument("--linear-schedule", action="store_true", help="also MergeRandAR with a linear guidance schedule")
+    part.add_argument("--linear-schedule", action="store_true", help="also both generators with a linear guidance schedule")
     part.add_argument("--randar-sampling", nargs="+", choices=("sub_token", "joint"), default=["sub_token"],
                       help="how MergeRandAR draws a code (one row each): per sub-token (its default, as MergeAR's) or "
                            "from the exact joint")

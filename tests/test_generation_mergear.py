@@ -31,7 +31,8 @@ def filtered(scores, temperature, top_k, top_p):
 
 
 def reference_sub_token_loop(
-    model, null_swapped, class_labels, num_tokens, guidance_scale, do_sample, temperature, top_k, top_p
+    model, null_swapped, class_labels, num_tokens, guidance_scale, do_sample, temperature, top_k, top_p,
+    guidance_schedule="constant",
 ):
     """Open-MAGVIT2-style sampling without any cache: the whole sequence is recomputed under the sparsity mask."""
     head, window = model.lm_head, model.config.repeat_window
@@ -42,7 +43,9 @@ def reference_sub_token_loop(
         if guidance_scale is None:
             return cond
         uncond = logits_of(null_swapped(model, sequence))
-        return uncond + guidance_scale * (cond - uncond)
+        step = sequence.shape[1] - 2
+        scale = guidance_scale if guidance_schedule == "constant" else 1 + (guidance_scale - 1) * step / (L - 1)
+        return uncond + scale * (cond - uncond)
 
     def draw(scores):
         scores = filtered(scores, temperature, top_k, top_p)
@@ -61,15 +64,17 @@ def reference_sub_token_loop(
 
 
 @pytest.mark.parametrize(
-    "guidance_scale, do_sample, temperature, top_k, top_p",
-    [(None, True, 1.0, 0, 1.0), (2.5, True, 1.0, 0, 1.0), (2.0, True, 0.8, 5, 0.9), (None, True, 1.3, 3, 1.0),
-     (None, True, 1.0, 0, 0.7), (1.5, False, 1.0, 0, 1.0)],
+    "guidance_scale, do_sample, temperature, top_k, top_p, guidance_schedule",
+    [(None, True, 1.0, 0, 1.0, "constant"), (2.5, True, 1.0, 0, 1.0, "constant"), (2.0, True, 0.8, 5, 0.9, "constant"),
+     (None, True, 1.3, 3, 1.0, "constant"), (None, True, 1.0, 0, 0.7, "constant"), (1.5, False, 1.0, 0, 1.0, "constant"),
+     (3.0, True, 1.0, 0, 1.0, "linear")],
 )
 def test_sub_token_sampling_equals_a_plain_reference_loop(
-    tiny_model, null_swapped, guidance_scale, do_sample, temperature, top_k, top_p
+    tiny_model, null_swapped, guidance_scale, do_sample, temperature, top_k, top_p, guidance_schedule
 ):
     model = tiny_model(seed=3, **GRID)
-    kwargs = {"class_labels": [1, 4, 10], "num_tokens": [3, 8, L], "guidance_scale": guidance_scale}
+    kwargs = {"class_labels": [1, 4, 10], "num_tokens": [3, 8, L], "guidance_scale": guidance_scale,
+              "guidance_schedule": guidance_schedule}
     sampling = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p}
     torch.manual_seed(7)
     generated = model.generate(**kwargs, **sampling, sampling="sub_token")

@@ -120,31 +120,42 @@ def test_label_dropout_only_in_training(tiny_model):
     assert not torch.isclose(model.model.embed(prompt)[:, 0], null).all(-1).any()
 
 
+def schedule_at_each_state(guidance_scale, schedule, length):
+    """``[length]`` guidance scales of the states of a sequence: state i predicts the code at grid position i - 1."""
+    if schedule == "constant":
+        return torch.full((length,), guidance_scale)
+    return 1 + (guidance_scale - 1) * (torch.arange(length) - 1).clamp(min=0) / (L - 1)
+
+
 @pytest.mark.parametrize("window", [1, 3])
-@pytest.mark.parametrize("guidance_scale", [None, 2.5])
-def test_greedy_generation_equals_sparse_recomputation(tiny_model, null_swapped, window, guidance_scale):
+@pytest.mark.parametrize("guidance_scale, schedule", [(None, "constant"), (2.5, "constant"), (2.5, "linear")])
+def test_greedy_generation_equals_sparse_recomputation(tiny_model, null_swapped, window, guidance_scale, schedule):
     model = tiny_model(seed=window, repeat_window=window)
-    sequences = model.generate(class_labels=[1, 2, 10], num_tokens=[4, 16, L], guidance_scale=guidance_scale)
+    sequences = model.generate(class_labels=[1, 2, 10], num_tokens=[4, 16, L], guidance_scale=guidance_scale,
+                               guidance_schedule=schedule)
     assert sequences.shape == (3, 2 + L)
     inputs = sequences[:, :-1]
     mask = build_sparsity_mask(inputs[:, 2:], window)
     logits = model(input_ids=inputs, attention_mask=mask, use_cache=False).logits
     if guidance_scale is not None:
         uncond = model(input_ids=null_swapped(model, inputs), attention_mask=mask, use_cache=False).logits
-        logits = uncond + guidance_scale * (logits - uncond)
+        scales = schedule_at_each_state(guidance_scale, schedule, inputs.shape[1])
+        logits = uncond + scales[None, :, None] * (logits - uncond)
     assert torch.equal(logits[:, 1:].argmax(-1), sequences[:, 2:])
     codes = model.image_tokens_from_sequences(sequences)
     assert codes.shape == (3, L) and torch.equal(codes, sequences[:, 2:])
 
 
-def test_batched_cfg_equals_two_forwards(tiny_model, null_swapped):
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_batched_cfg_equals_two_forwards(tiny_model, null_swapped, schedule):
     model = tiny_model()
     sequence = torch.cat([model.build_prompt([3, 7], [8, 30]), torch.randint(0, 64, (2, 20))], dim=1)
     scale = 1.7
-    guided = model(input_ids=sequence, guidance_scale=scale).logits
+    guided = model(input_ids=sequence, guidance_scale=scale, guidance_schedule=schedule).logits
     cond = model(input_ids=sequence, use_cache=False).logits
     uncond = model(input_ids=null_swapped(model, sequence), use_cache=False).logits
-    torch.testing.assert_close(guided, uncond + scale * (cond - uncond), rtol=1e-4, atol=1e-4)
+    scales = schedule_at_each_state(scale, schedule, sequence.shape[1])[None, :, None]
+    torch.testing.assert_close(guided, uncond + scales * (cond - uncond), rtol=1e-4, atol=1e-4)
 
 
 def test_sampling_is_seeded_and_generate_features_work(tiny_model):

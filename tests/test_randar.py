@@ -25,8 +25,11 @@ def tiny_randar(seed=0, **overrides):
     config = MergeRandARConfig.from_preset(
         "tiny", **{"codebook_bits": 10, "factorized_bits": [4, 6], "num_classes": NUM_CLASSES, **overrides}
     )
-    model = MergeRandARForCausalLM(config).eval()
-    # The heads start at zero (uniform predictions); random heads make greedy decoding a real test.
+    return with_random_heads(MergeRandARForCausalLM(config).eval())
+
+
+def with_random_heads(model):
+    """The heads start at zero (uniform predictions); random heads make greedy decoding and guidance real tests."""
     for module in model.modules():
         if isinstance(module, nn.Linear) and getattr(module, "zero_init", False):
             nn.init.normal_(module.weight, std=0.5)
@@ -250,8 +253,8 @@ def test_predicted_source_maps_are_valid_assignments(model, vq_model):
 
 def pipelines(vq_model):
     torch.manual_seed(0)
-    raster = MergeARForCausalLM(MergeARConfig.from_preset(
-        "tiny", codebook_bits=10, factorized_bits=[4, 6], num_classes=NUM_CLASSES)).eval()
+    raster = with_random_heads(MergeARForCausalLM(MergeARConfig.from_preset(
+        "tiny", codebook_bits=10, factorized_bits=[4, 6], num_classes=NUM_CLASSES)).eval())
     return {"raster": MergeVQPipeline(vq_model=vq_model, transformer=raster),
             "random": MergeVQPipeline(vq_model=vq_model, transformer=tiny_randar())}
 
@@ -280,17 +283,19 @@ def test_pipeline_modes_round_trip_through_save_load(vq_model, tmp_path, mode):
 
 
 @pytest.mark.parametrize("mode", ["raster", "random"])
-def test_pipeline_passes_sampling_to_the_generator(vq_model, mode):
+def test_pipeline_passes_sampling_and_guidance_schedule_to_the_generator(vq_model, mode):
     pipe = pipelines(vq_model)[mode]
     pipe.set_progress_bar_config(disable=True)
 
-    def images(sampling):
-        return pipe([1, 2], output_type="pt", num_tokens=K, sampling=sampling,
-                    generator=torch.Generator().manual_seed(0)).images
+    def images(**kwargs):
+        return pipe([1, 2], output_type="pt", num_tokens=K, guidance_scale=3.0,
+                    generator=torch.Generator().manual_seed(0), **kwargs).images
 
-    default = images(None)
-    torch.testing.assert_close(images("sub_token"), default)  # a factorised head samples per sub-token by default
-    assert not torch.allclose(images("joint"), default)
+    default = images()
+    torch.testing.assert_close(images(sampling="sub_token"), default)  # a factorised head samples per sub-token
+    assert not torch.allclose(images(sampling="joint"), default)
+    torch.testing.assert_close(images(guidance_schedule="constant"), default)
+    assert not torch.allclose(images(guidance_schedule="linear"), default)
 
 
 def test_random_mode_hub_export_carries_the_code(vq_model, tmp_path):
@@ -338,8 +343,8 @@ def test_bad_inputs_raise_clear_errors(model, vq_model):
         with pytest.raises(ValueError, match=message):
             call()
     pipes = pipelines(vq_model)
-    with pytest.raises(ValueError, match="needs a random-order"):
-        pipes["raster"]([1], guidance_schedule="linear")
+    with pytest.raises(ValueError, match="guidance_schedule must be"):
+        pipes["raster"]([1], guidance_schedule="cosine")
     with pytest.raises(ValueError, match="guidance_schedule must be"):
         pipes["random"]([1], guidance_schedule="cosine")
     with pytest.raises(ValueError, match="sampling must be"):

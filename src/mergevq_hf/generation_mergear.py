@@ -25,7 +25,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .cache_mergear import first_occurrence
 from .quantization_lfq import merge_indices, split_indices
-from .sampling_utils import check_generators, sample_rows
+from .sampling_utils import check_generators, sample_rows, scheduled_guidance
 
 SAMPLING_MODES = ("sub_token", "joint")
 PROMPT_LENGTH = 2  # class token + merge-instruction token
@@ -169,7 +169,8 @@ class MergeARSubTokenOutput(GenerateDecoderOnlyOutput):
 class MergeARSampler:
     """MergeAR's decoding loop for ``generate(custom_generate=MergeARSampler(...))`` (greedy or sampling, one beam).
 
-    Each step runs the backbone once on the new token (``[cond; uncond]`` rows with ``guidance_scale``), then:
+    Each step runs the backbone once on the new token (``[cond; uncond]`` rows with ``guidance_scale``; the scale of
+    the step follows ``guidance_schedule``), then:
 
     * ``"sub_token"`` (factorised head): slot 0 -> low logits -> guidance ``u + s (c - u)`` -> budget -> the
       generation config's processors and warpers -> pick the low bits; slot 1 with the picked low bits' embedding ->
@@ -213,6 +214,7 @@ class MergeARSampler:
             check_generators(self.generators, input_ids.shape[0])
         cache = model_kwargs.get("cache")
         guidance_scale = model_kwargs.get("batched_guidance_scale")
+        guidance_schedule = model_kwargs.get("batched_guidance_schedule", "constant")
         guided = guidance_scale is not None and guidance_scale != 1.0
         budget = TokenBudget(model.config) if self.token_budget else None
         record_scores = config.return_dict_in_generate and config.output_scores
@@ -224,7 +226,9 @@ class MergeARSampler:
             if not guided:
                 return logits
             cond, uncond = logits.chunk(2)
-            return uncond + guidance_scale * (cond - uncond)
+            step = input_ids.shape[1] - PROMPT_LENGTH  # the grid position being generated
+            scale = scheduled_guidance(guidance_scale, guidance_schedule, step, model.config.num_patches)
+            return uncond + scale * (cond - uncond)
 
         def pick(scores):
             if not config.do_sample:

@@ -38,7 +38,10 @@ from .generation_mergear import (
     SAMPLING_MODES, MergeARSampler, TokenBudgetLogitsProcessor, count_tokens_left, held_codes, paused_gc,
 )
 from .quantization_lfq import split_indices
-from .sampling_utils import check_guidance_scale, check_sampling_arguments, is_integer, renamed_keyword
+from .sampling_utils import (
+    check_guidance_scale, check_guidance_schedule, check_sampling_arguments, is_integer, renamed_keyword,
+    scheduled_guidance,
+)
 
 NUM_PREFIX = 2  # class token + merge-instruction token
 # transformers 5.24 renamed the output field `past_key_values` to `cache`; support both releases.
@@ -598,6 +601,7 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
         cfg_scale: float | None = None,
         tokens_left: torch.LongTensor | None = None,
         codes_held: torch.BoolTensor | None = None,
+        guidance_schedule: str = "constant",
     ) -> MergeARCausalLMOutput:
         r"""
         Two entries:
@@ -612,6 +616,9 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
         guidance_scale: classifier-free guidance in one batched forward: rows ``[cond; uncond]`` (class token swapped
             for the null class) run as ``2B`` rows, the cache holds ``2B`` rows, and the returned logits are
             ``u + s * (c - u)`` for the ``B`` rows. Keep the same value for every step of a generation.
+        guidance_schedule: ``"constant"``, or ``"linear"``: the scale for the code at image position ``t`` is
+            ``1 + (s - 1) t / (L - 1)``, rising from 1 at the first code to ``s`` at the last (the position comes from
+            the cache's length and the tokens run).
         output_hidden_states, output_attentions: the backbone's (see :meth:`MergeARModel.forward`), over the
             sequence it ran (``[cls, M(K)] + labels[:, :-1]`` in training; ``2B`` rows with ``guidance_scale``).
         return_dict: ``False`` returns a tuple.
@@ -651,6 +658,7 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
             )
 
         guidance_scale = check_guidance_scale(guidance_scale)
+        check_guidance_schedule(guidance_schedule)
         guided = guidance_scale is not None
         batch = input_ids.shape[0]
         if guided:
@@ -669,9 +677,14 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
         logits = self.logits(hidden_states)
         repeat_logits = self.repeat_gate(hidden_states)[..., 0] if self.config.repeat_gate else None
         if guided:
-            logits = logits[batch:] + guidance_scale * (logits[:batch] - logits[batch:])
+            past = cache.get_seq_length() if cache is not None else 0
+            # The state at sequence index i predicts the code at image position i - 1.
+            positions = torch.arange(past, past + input_ids.shape[1], device=logits.device)[keep] - (NUM_PREFIX - 1)
+            scale = scheduled_guidance(guidance_scale, guidance_schedule, positions.clamp(min=0), self.config.num_patches)
+            scale = torch.as_tensor(scale, dtype=logits.dtype, device=logits.device).expand(positions.shape)  # [k]
+            logits = logits[batch:] + scale[:, None] * (logits[:batch] - logits[batch:])
             if repeat_logits is not None:
-                repeat_logits = repeat_logits[batch:] + guidance_scale * (repeat_logits[:batch] - repeat_logits[batch:])
+                repeat_logits = repeat_logits[batch:] + scale * (repeat_logits[:batch] - repeat_logits[batch:])
         if repeat_logits is not None:
             logits = gated_log_probs(logits, repeat_logits, held[:, keep])
         return MergeARCausalLMOutput(
@@ -714,7 +727,7 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
 
     def generate(
         self, inputs=None, generation_config=None, class_labels=None, num_tokens=None, guidance_scale=None,
-        sampling=None, token_budget=False, generators=None, **kwargs,
+        guidance_schedule="constant", sampling=None, token_budget=False, generators=None, **kwargs,
     ):
         r"""``GenerationMixin.generate`` with a class-conditional entry, batched guidance, a fresh ``MergeARCache``,
         per-sub-token sampling and the token budget.
@@ -725,6 +738,8 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
         guidance_scale: batched classifier-free guidance ``u + s (c - u)`` with the null class as ``u`` (None or
             1 = off). A ``GenerationConfig``'s ``guidance_scale`` is used when the keyword is not given; transformers'
             own unbatched guidance with a negative prompt is never run. ``cfg_scale`` is its deprecated name.
+        guidance_schedule: ``"constant"``, or ``"linear"`` (as RandAR's): the scale rises from 1 at the first grid
+            position to ``guidance_scale`` at the last (position ``t`` of ``L`` gets ``1 + (s - 1) t / (L - 1)``).
         sampling: how a code is drawn.
             - ``"sub_token"`` (default for a factorised head when sampling with one beam): the low bits, then the
               high bits given them, as Open-MAGVIT2 samples. Guidance, temperature, top-k and top-p act on each
@@ -780,6 +795,8 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
             config.guidance_scale = guidance_scale
         # Carried under its own name: transformers would take a `guidance_scale` model kwarg for its unbatched guidance.
         model_kwargs["batched_guidance_scale"] = self._resolve_guidance(config)
+        check_guidance_schedule(guidance_schedule)
+        model_kwargs["batched_guidance_schedule"] = guidance_schedule
         self._check_generation_config(config)
         self._set_length(config, inputs.shape[1], length_given)
         if config.use_cache and model_kwargs.get("cache") is None and model_kwargs.get("past_key_values") is None:
@@ -799,11 +816,16 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
         with paused_gc():
             return super().generate(inputs, config, **model_kwargs)
 
-    def prepare_inputs_for_generation(self, input_ids, batched_guidance_scale=None, **kwargs):
-        """transformers' preparation; ``forward`` then gets the guidance scale that ``generate`` resolved, the tokens
+    def prepare_inputs_for_generation(
+        self, input_ids, batched_guidance_scale=None, batched_guidance_schedule="constant", **kwargs
+    ):
+        """transformers' preparation; ``forward`` then gets the guidance scale and schedule of ``generate``, the tokens
         left at the positions it runs (``config.tokens_left_embedding``) and the codes held before them
         (``config.repeat_gate``)."""
-        inputs = {**super().prepare_inputs_for_generation(input_ids, **kwargs), "guidance_scale": batched_guidance_scale}
+        inputs = {
+            **super().prepare_inputs_for_generation(input_ids, **kwargs),
+            "guidance_scale": batched_guidance_scale, "guidance_schedule": batched_guidance_schedule,
+        }
         step = inputs["input_ids"].shape[1]
         if self.config.tokens_left_embedding:
             inputs["tokens_left"] = count_tokens_left(input_ids, self.config)[:, -step:]

@@ -58,6 +58,7 @@ from .modeling_mergear import (
 from .quantization_lfq import merge_indices
 from .sampling_utils import (
     check_guidance_scale, check_guidance_schedule, check_sampling_arguments, renamed_keyword, sample_rows,
+    scheduled_guidance,
 )
 
 IGNORE_INDEX = -100  # padding of `labels` / `token_positions` when a batch mixes several K
@@ -477,9 +478,7 @@ class MergeRandARForCausalLM(MergeARGeneratorMixin, MergeRandARPreTrainedModel):
             if guided:
                 step_ids, step_grid = step_ids.repeat(2, 1), step_grid.repeat(2, 1)
             hidden = self.model(step_ids, step_grid, cache=cache).last_hidden_state[:, -1]
-            scale = guidance_scale
-            if guided and guidance_schedule == "linear":
-                scale = 1 + (guidance_scale - 1) * (step / (num_tokens - 1) if num_tokens > 1 else 1.0)
+            scale = scheduled_guidance(guidance_scale, guidance_schedule, step, num_tokens) if guided else None
             if sampling == "joint":
                 code = draw(self.logits(hidden), "scores", scale)
             else:

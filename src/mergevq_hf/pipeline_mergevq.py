@@ -172,8 +172,9 @@ class MergeVQPipeline(DiffusionPipeline):
                 None or 1.0 turns guidance off. The default, `sampling_utils.DEFAULT_GUIDANCE_SCALE`, is where the
                 bundled model's samples are classified as their class nearly as often as real images; 2 gives its
                 best FD (the Open-MAGVIT2 / LlamaGen sampling scripts use about 2).
-            guidance_schedule: `"constant"`, or `"linear"` (random mode only, as RandAR): the scale rises from 1 at
-                the first generated token to `guidance_scale` at the last.
+            guidance_schedule: `"constant"`, or `"linear"` (as RandAR): the scale rises from 1 at the first generated
+                token to `guidance_scale` at the last (raster mode: over the L grid positions; random mode: over the
+                K tokens).
             temperature, top_k, top_p: sampling controls applied after guidance (`top_k=None` or 0 and
                 `top_p=None` or 1.0 disable the filters). Both generators, with a factorised head, sample each code per
                 sub-token (its low bits, then its high bits given them), and the filters act on each sub-token:
@@ -226,13 +227,12 @@ class MergeVQPipeline(DiffusionPipeline):
         shared = dict(  # what both generators take
             labels=labels, num_tokens=num_tokens, guidance_scale=guidance_scale, temperature=float(temperature),
             top_k=int(top_k or 0), top_p=None if top_p is None else float(top_p), generators=generators,
-            sampling=sampling,
+            sampling=sampling, guidance_schedule=guidance_schedule,
         )
         with self.progress_bar(total=self.num_timesteps) as bar:
             after_step = _AfterEachStep(bar, step_callback)
             if random_order:
-                codes, positions = self._generate_random_order(**shared, guidance_schedule=guidance_schedule,
-                                                               after_step=after_step)
+                codes, positions = self._generate_random_order(**shared, after_step=after_step)
             else:
                 codes = self._generate_raster(**shared, token_budget=token_budget, after_step=after_step)
         codes = codes.to(device)
@@ -263,8 +263,6 @@ class MergeVQPipeline(DiffusionPipeline):
             raise ValueError(f"token_budget must be True or False, got {token_budget!r}")
         self.transformer._resolve_sampling(sampling, do_sample=True)
         check_guidance_schedule(guidance_schedule)
-        if guidance_schedule != "constant" and self.generation_mode != "random":
-            raise ValueError("guidance_schedule='linear' needs a random-order (MergeRandAR) transformer")
         self._check_output_type(output_type)
         batch_size = len(labels) * num_images_per_class
         if batch_size > self.max_batch_size:
@@ -275,13 +273,14 @@ class MergeVQPipeline(DiffusionPipeline):
         return labels, num_tokens, guidance_scale
 
     def _generate_raster(
-        self, labels, num_tokens, guidance_scale, temperature, top_k, top_p, generators, sampling, token_budget,
-        after_step,
+        self, labels, num_tokens, guidance_scale, temperature, top_k, top_p, generators, sampling, guidance_schedule,
+        token_budget, after_step,
     ) -> torch.LongTensor:
         """MergeAR: codes [N, L] for the grid positions in raster order, from transformers' `generate`, which runs
         `after_step` as a stopping criterion (one that never stops)."""
         sequences = self.transformer.generate(
-            class_labels=labels, num_tokens=num_tokens, guidance_scale=guidance_scale, do_sample=True,
+            class_labels=labels, num_tokens=num_tokens, guidance_scale=guidance_scale,
+            guidance_schedule=guidance_schedule, do_sample=True,
             temperature=temperature, top_k=top_k, top_p=1.0 if top_p is None else top_p, token_budget=token_budget,
             sampling=sampling, generators=generators, stopping_criteria=StoppingCriteriaList([after_step]),
         )

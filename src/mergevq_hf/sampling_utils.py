@@ -46,6 +46,14 @@ def check_guidance_schedule(schedule, name: str = "guidance_schedule") -> None:
         raise ValueError(f"{name} must be one of {GUIDANCE_SCHEDULES}, got {schedule!r}.")
 
 
+def scheduled_guidance(scale: float, schedule: str, steps, num_steps: int):
+    """The guidance scale at (0-based) generation step(s) ``steps`` of ``num_steps``: ``scale`` throughout
+    (``"constant"``), or rising linearly from 1 at the first step to ``scale`` at the last (``"linear"``, RandAR)."""
+    if schedule == "constant":
+        return scale
+    return 1 + (scale - 1) * (steps / (num_steps - 1) if num_steps > 1 else 1.0)
+
+
 def renamed_keyword(value, old_value, name: str, old_name: str, default=None):
     """The value of keyword `name`, formerly `old_name`: the old keyword still works, with a FutureWarning.
 
@@ -111,4 +119,5 @@ __all__ = [
     "is_integer",
     "renamed_keyword",
     "sample_rows",
+    "scheduled_guidance",
 ]
