@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from mergevq_hf import cli, defaults
-from mergevq_hf.sampling_utils import DEFAULT_GUIDANCE_SCALE
+from mergevq_hf.sampling_utils import DEFAULT_GUIDANCE_SCALE, GUIDANCE_SCHEDULES
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "space" / "examples").glob("*.png"))[:2]
@@ -128,6 +128,24 @@ def test_generate_without_guidance_scale_uses_the_pipelines_default(tmp_path, mo
     with pytest.raises(SystemExit):
         cli.main(["generate", "--help"])
     assert f"the pipeline's, {DEFAULT_GUIDANCE_SCALE:g}" in " ".join(capsys.readouterr().out.split())  # the real default
+
+
+def test_generate_passes_the_guidance_schedule(tmp_path, monkeypatch):
+    calls = []
+
+    def pipe(**kwargs):
+        calls.append(kwargs)
+        return type("Output", (), {"images": [Image.new("RGB", (32, 32))]})()
+
+    monkeypatch.setattr(cli, "_load", lambda args: (pipe, "spy"))
+    assert cli.main(["generate", "-o", str(tmp_path / "constant.png")]) == 0
+    assert cli.main(["generate", "--guidance-schedule", "linear", "-o", str(tmp_path / "linear.png")]) == 0
+    assert [call["guidance_schedule"] for call in calls] == ["constant", "linear"]
+    parser = cli.build_parser()  # it lists the schedules itself (no torch import): every one the library has
+    for schedule in GUIDANCE_SCHEDULES:
+        assert parser.parse_args(["generate", "--guidance-schedule", schedule]).guidance_schedule == schedule
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--guidance-schedule", "cosine"])
 
 
 def test_encode_writes_indices_and_source_maps(tmp_path, capsys):

@@ -158,7 +158,7 @@ def cmd_generate(args) -> int:
     guidance = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}  # None: the pipeline's default
     images = pipe(
         class_labels=args.classes, num_images_per_class=args.num_per_class, num_tokens=args.num_tokens,
-        **guidance, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        **guidance, guidance_schedule=args.guidance_schedule, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         generator=torch.Generator().manual_seed(args.seed), token_budget=args.token_budget,
     ).images
     grid = make_grid(images, nrow=args.num_per_class)
@@ -266,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--num-tokens", "-k", type=_positive_int, metavar="K", help="token budget: how many distinct merged tokens each image gets, 1 <= K <= L (default: the generator's num_tokens)")
     generate.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale; 1 turns it off (default: the pipeline's, 2.5)")
     generate.add_argument("--guidance", dest="guidance_scale", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # former name
+    generate.add_argument("--guidance-schedule", choices=("constant", "linear"), default="constant", help="constant, or linear: the scale rises from 1 at the first generated token to --guidance-scale at the last (default: constant)")
     generate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature > 0 (default: 1.0)")
     generate.add_argument("--top-k", type=int, default=0, help="keep only the k most likely values of each sub-token (low bits, then high bits; whole codes for a dense head); 0 = off (default: 0)")
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] of each sub-token (whole codes for a dense head); 1 = off (default: 1.0)")
