@@ -10,7 +10,7 @@ Three parts, each printing a markdown table (benchmarks/RESULTS.md, "Random-orde
   map vs the source map that the learned source recovery predicts from the K codes alone (what random-order
   generation has to use). PSNR, FD on the Fashion-MNIST LeNet (rFID-style), and how many positions get their
   true parent. Paper, ImageNet G+R: rFID 1.48 (true) -> 1.71 (predicted).
-* ``generation --tokenizer DIR [--mergear DIR...] --randar DIR...``: FD and class accuracy (LeNet) of class-conditional
+* ``generation --tokenizer DIR [--mergear DIR...] [--randar DIR...]``: FD and class accuracy (LeNet) of class-conditional
   samples of both generators on the same tokenizer, against Fashion-MNIST test images (``--reference heldout``:
   training images no generator saw, for choosing settings); one folder per training seed, scored with the same
   sample seeds, then the mean and (lowest-highest) over seeds. ``--through-recovery`` adds MergeAR's samples decoded
@@ -192,7 +192,7 @@ def generation(args):
     if args.mergear and args.linear_schedule:
         rows.append(("MergeAR (raster), linear CFG", args.mergear, MergeARForCausalLM, args.num_tokens,
                      {"guidance_schedule": "linear"}))
-    for k in args.randar_num_tokens or [args.num_tokens]:
+    for k in (args.randar_num_tokens or [args.num_tokens]) if args.randar else []:
         for sampling in args.randar_sampling:
             at_k = ("" if k == args.num_tokens else f", K = {k}") + ("" if sampling == "sub_token" else ", exact joint")
             rows.append((f"MergeRandAR (random order){at_k}", args.randar, MergeRandARForCausalLM, k,
@@ -245,8 +245,10 @@ def main():
     part.add_argument("--batch-size", type=int, default=250)
     part = parts.add_parser("generation")
     part.add_argument("--tokenizer", required=True)
-    part.add_argument("--mergear", nargs="*", default=[], help="MergeAR folders, one per training seed (none: random order only)")
-    part.add_argument("--randar", nargs="+", required=True, help="MergeRandAR folders, one per training seed")
+    part.add_argument("--mergear", nargs="*", default=[],
+                      help="MergeAR folders, one per training seed (none: random order only)")
+    part.add_argument("--randar", nargs="*", default=[],
+                      help="MergeRandAR folders, one per training seed (none: MergeAR only)")
     part.add_argument("--linear-schedule", action="store_true", help="also both generators with a linear guidance schedule")
     part.add_argument("--randar-sampling", nargs="+", choices=("sub_token", "joint"), default=["sub_token"],
                       help="how MergeRandAR draws a code (one row each): per sub-token (its default, as MergeAR's) or "
@@ -263,6 +265,8 @@ def main():
     part.add_argument("--reference", choices=("heldout", "test"), default="test",
                       help="compare samples with held-out training images (for choosing) or test images (for reporting)")
     args = parser.parse_args()
+    if args.part == "generation" and not (args.mergear or args.randar):
+        parser.error("generation needs --mergear or --randar folders (or both)")
     if args.part == "generation" and args.through_recovery and not args.mergear:
         parser.error("--through-recovery decodes MergeAR's samples: it needs --mergear")
     gc.collect()

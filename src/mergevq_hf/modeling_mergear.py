@@ -480,7 +480,8 @@ def gated_log_probs(log_probs, repeat_logits, held):
 
 class MergeARGeneratorMixin:
     """What MergeAR and MergeRandAR share on top of their backbones: the code head, its logits and loss, how
-    ``generate`` draws a code from it (``sampling``), and the class-label check. The head is factorised (``config.factorized_bits``) or a dense ``nn.Linear`` up to 14 bits."""
+    ``generate`` draws a code from it (``sampling``), and the class-label check. The head is factorised
+    (``config.factorized_bits``) or a dense ``nn.Linear`` up to 14 bits."""
 
     def _init_code_head(self, config: MergeARConfig) -> None:
         if config.factorized_bits is None:
@@ -496,7 +497,7 @@ class MergeARGeneratorMixin:
         return self.lm_head(hidden_states)
 
     def _resolve_sampling(self, sampling, do_sample: bool, num_beams: int = 1) -> str:
-        """``generate``'s ``sampling`` argument: ``"sub_token"`` (a factorised head, sampling, one beam) or ``"joint"``."""
+        """``generate``'s ``sampling``: ``"sub_token"`` (default: factorised head, sampling, one beam) or ``"joint"``."""
         if sampling is not None and sampling not in SAMPLING_MODES:
             raise ValueError(f"sampling must be None or one of {SAMPLING_MODES}, got {sampling!r}.")
         factorised = isinstance(self.lm_head, MergeARFactorizedHead)
@@ -680,7 +681,8 @@ class MergeARForCausalLM(MergeARGeneratorMixin, MergeARPreTrainedModel, Generati
             past = cache.get_seq_length() if cache is not None else 0
             # The state at sequence index i predicts the code at image position i - 1.
             positions = torch.arange(past, past + input_ids.shape[1], device=logits.device)[keep] - (NUM_PREFIX - 1)
-            scale = scheduled_guidance(guidance_scale, guidance_schedule, positions.clamp(min=0), self.config.num_patches)
+            length = self.config.num_patches
+            scale = scheduled_guidance(guidance_scale, guidance_schedule, positions.clamp(min=0), length)
             scale = torch.as_tensor(scale, dtype=logits.dtype, device=logits.device).expand(positions.shape)  # [k]
             logits = logits[batch:] + scale[:, None] * (logits[:batch] - logits[batch:])
             if repeat_logits is not None:
