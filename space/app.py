@@ -18,7 +18,7 @@ import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
 from mergevq_hf.defaults import load_default_pipeline  # noqa: E402
-from mergevq_hf.sampling_utils import DEFAULT_GUIDANCE_SCALE  # noqa: E402
+from mergevq_hf.sampling_utils import DEFAULT_GUIDANCE_SCALE, GUIDANCE_SCHEDULES  # noqa: E402
 from mergevq_hf.visualization import draw_merge_map, enlarge, load_image  # noqa: E402
 
 # ---- limits: every request's work is bounded by these (the K range comes from the model) ----
@@ -70,7 +70,10 @@ def build_demo(pipe, notice: str | None = None) -> gr.Blocks:
     vq_config, ar_config = pipe.vq_model.config, pipe.transformer.config
     num_patches, size = vq_config.num_patches, vq_config.image_size
 
-    def generate(class_id, num_images, num_tokens, guidance_scale, temperature, top_k, top_p, seed, token_budget):
+    def generate(
+        class_id, num_images, num_tokens, guidance_scale, temperature, top_k, top_p, seed, token_budget,
+        guidance_schedule="constant",
+    ):
         num_images = _int_in(num_images, 1, MAX_IMAGES_PER_REQUEST, "Number of images")
         num_tokens = _int_in(num_tokens, 1, num_patches, "Token budget K")
         seed = _int_in(seed, 0, MAX_SEED, "Seed")
@@ -80,7 +83,7 @@ def build_demo(pipe, notice: str | None = None) -> gr.Blocks:
                 num_images_per_class=num_images, num_tokens=num_tokens, guidance_scale=_finite(guidance_scale, "Guidance scale"),
                 temperature=_finite(temperature, "Temperature"), top_k=_int_in(top_k, 0, 2**vq_config.codebook_bits, "Top-k"),
                 top_p=_finite(top_p, "Top-p"), generator=torch.Generator().manual_seed(seed),
-                token_budget=bool(token_budget),
+                token_budget=bool(token_budget), guidance_schedule=guidance_schedule,
             ).images
         except ValueError as error:  # the pipeline's own checks read well; show them instead of a generic error
             raise gr.Error(str(error)) from None
@@ -134,6 +137,7 @@ def build_demo(pipe, notice: str | None = None) -> gr.Blocks:
                     num_images = gr.Slider(1, MAX_IMAGES_PER_REQUEST, value=4, step=1, label="Number of images")
                     gen_tokens = gr.Slider(1, num_patches, value=ar_config.num_tokens, step=1, label="Token budget K", info=f"distinct merged tokens per image, out of L = {num_patches}")
                     guidance_scale = gr.Slider(1.0, 10.0, value=DEFAULT_GUIDANCE_SCALE, step=0.1, label="Guidance scale", info="1 = off")
+                    guidance_schedule = gr.Radio(list(GUIDANCE_SCHEDULES), value="constant", label="Guidance schedule", info="linear: the scale rises from 1 at the first token to the value above at the last")
                     temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature")
                     top_k = gr.Slider(0, 2**vq_config.codebook_bits, value=0, step=1, label="Top-k", info="per sub-token (low bits, then high bits) with a factorised head; 0 = off")
                     top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", info="per sub-token with a factorised head; 1 = off")
@@ -157,7 +161,8 @@ def build_demo(pipe, notice: str | None = None) -> gr.Blocks:
         # preprocess=False: gradio's own number checks fail with a blank error on null (what a browser sends for NaN);
         # `generate` checks every value itself.
         generate_button.click(
-            generate, [class_id, num_images, gen_tokens, guidance_scale, temperature, top_k, top_p, seed, token_budget], gallery,
+            generate, [class_id, num_images, gen_tokens, guidance_scale, temperature, top_k, top_p, seed, token_budget,
+                       guidance_schedule], gallery,
             api_name="generate", concurrency_limit=CONCURRENCY_LIMIT, preprocess=False,
         )
         # preprocess=False: the upload reaches `tokenize` undecoded, so a bad file gets our message, not gradio's.

@@ -37,7 +37,7 @@ def demo(app):
 
 
 GENERATE = dict(class_id=3, num_images=2, num_tokens=9, guidance_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, seed=5,
-                token_budget=False)
+                token_budget=False, guidance_schedule="constant")
 
 
 def _generate(demo, **changes):
@@ -117,6 +117,12 @@ def test_bad_uploads_get_readable_messages(app, demo, tmp_path):
 
 def test_generate_with_the_token_budget_held(demo):
     assert len(_generate(demo, token_budget=True)) == 2
+
+
+def test_generate_with_a_linear_guidance_schedule(demo):
+    assert len(_generate(demo, guidance_schedule="linear")) == 2
+    # The pipeline's own check answers, so the choice reaches it.
+    assert "guidance_schedule must be one of" in _error_message(lambda: _generate(demo, guidance_schedule="cosine"))
 
 
 def test_generate_limits(app, demo):
