@@ -113,7 +113,9 @@ def test_guidance_is_a_hidden_alias_of_guidance_scale(capsys):
     assert "--guidance " not in capsys.readouterr().out
 
 
-def test_generate_without_guidance_scale_uses_the_pipelines_default(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def pipeline_calls(monkeypatch):
+    """The keyword arguments of every pipeline call `cli generate` makes, with a spy instead of a loaded pipeline."""
     calls = []
 
     def pipe(**kwargs):
@@ -121,26 +123,23 @@ def test_generate_without_guidance_scale_uses_the_pipelines_default(tmp_path, mo
         return type("Output", (), {"images": [Image.new("RGB", (32, 32))]})()
 
     monkeypatch.setattr(cli, "_load", lambda args: (pipe, "spy"))
+    return calls
+
+
+def test_generate_without_guidance_scale_uses_the_pipelines_default(tmp_path, pipeline_calls, capsys):
     assert cli.main(["generate", "-o", str(tmp_path / "default.png")]) == 0
     assert cli.main(["generate", "--guidance-scale", "1", "-o", str(tmp_path / "off.png")]) == 0
-    assert "guidance_scale" not in calls[0] and calls[1]["guidance_scale"] == 1.0
+    assert "guidance_scale" not in pipeline_calls[0] and pipeline_calls[1]["guidance_scale"] == 1.0
     capsys.readouterr()
     with pytest.raises(SystemExit):
         cli.main(["generate", "--help"])
     assert f"the pipeline's, {DEFAULT_GUIDANCE_SCALE:g}" in " ".join(capsys.readouterr().out.split())  # the real default
 
 
-def test_generate_passes_the_guidance_schedule(tmp_path, monkeypatch):
-    calls = []
-
-    def pipe(**kwargs):
-        calls.append(kwargs)
-        return type("Output", (), {"images": [Image.new("RGB", (32, 32))]})()
-
-    monkeypatch.setattr(cli, "_load", lambda args: (pipe, "spy"))
+def test_generate_passes_the_guidance_schedule(tmp_path, pipeline_calls):
     assert cli.main(["generate", "-o", str(tmp_path / "constant.png")]) == 0
     assert cli.main(["generate", "--guidance-schedule", "linear", "-o", str(tmp_path / "linear.png")]) == 0
-    assert [call["guidance_schedule"] for call in calls] == ["constant", "linear"]
+    assert [call["guidance_schedule"] for call in pipeline_calls] == ["constant", "linear"]
     parser = cli.build_parser()  # it lists the schedules itself (no torch import): every one the library has
     for schedule in GUIDANCE_SCHEDULES:
         assert parser.parse_args(["generate", "--guidance-schedule", schedule]).guidance_schedule == schedule
