@@ -85,10 +85,10 @@ def _recovery(summary: str, steps: int, size: tuple[int, int, int] | None = None
     return Recipe(f"source recovery with positions, {summary}", RECOVERY_TRAINER, arguments)
 
 
-def _continued(base: str, what: str) -> Recipe:
+def _continued(base: str, what: str, mode: str = "raster") -> Recipe:
     """``base --steps 3600`` (trained first, same seed) continued ``--steps`` more from its weights, with a fresh
     optimiser and schedule at half the peak learning rate; ``{seed}`` becomes the job's seed."""
-    arguments = ("--tokenizer", BUNDLED_TOKENIZER, "--init_from", f"outputs/ablation/{base}-steps3600-seed{{seed}}")
+    arguments = ("--tokenizer", BUNDLED_TOKENIZER, "--init_from", f"outputs/ablation/{base}-steps3600-seed{{seed}}", "--generation_mode", mode)
     return Recipe(f"{base} --steps 3600 ({what}) continued --steps more at lr 5e-4", MERGEAR_TRAINER, arguments,
                   ablation=True, learning_rate="5e-4")
 
@@ -136,6 +136,8 @@ RECIPES: dict[str, Recipe] = {
     "mergear-gate-left-w8-continued": _continued("mergear-gate-left-w8", "the gate with one grid row"),
     "randar": _ablation("random order (MergeRandAR) with the bundled recipe", mode="random"),
     "randar-ls0": _ablation("random order (MergeRandAR), label smoothing 0", mode="random", label_smoothing=0.0),
+    # Random order at the bundled MergeAR's budget (3,600 + 3,600 steps), to compare with it.
+    "randar-continued": _continued("randar", "random order", mode="random"),
 }
 
 

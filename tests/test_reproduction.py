@@ -132,6 +132,11 @@ def test_recipes_give_the_arguments_of_the_former_shell_scripts():
         "--init_from", "outputs/ablation/mergear-w8-steps3600-seed1",
     ]
     assert job.arguments[job.arguments.index("--learning_rate") + 1] == "5e-4"
+    job = train.training_job("randar-continued", seed=1, steps=3600)  # random order continues as random order
+    assert job.arguments[:8] == [
+        "--output_dir", "outputs/ablation/randar-continued-steps3600-seed1", "--tokenizer", BUNDLED_TOKENIZER,
+        "--init_from", "outputs/ablation/randar-steps3600-seed1", "--generation_mode", "random",
+    ]
     assert train.training_job("grid-vq-8", seed=2).arguments[:4] == ["--output_dir", "outputs/reproduction/grid-vq-8-seed2", "--grid_size", "8"]
     assert train.training_job("grid-vq-8").trainer == "reproduction.grid_vq"
     for recipe in train.RECIPES.values():  # every override is a JSON object the trainers accept

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from mergevq_hf import MergeARForCausalLM, MergeVQConfig, MergeVQModel
+from mergevq_hf import MergeARConfig, MergeARForCausalLM, MergeRandARConfig, MergeVQConfig, MergeVQModel
 from mergevq_hf.training import (
     ImageTransform,
     collate_images,
@@ -350,6 +350,16 @@ def test_mergear_refuses_overrides_for_a_model_it_loads(tmp_path, mergear_argv):
     with pytest.raises(ValueError, match="--init_from loads one with its own config"):
         train_mergear.main(argv)
     assert not (tmp_path / "out").exists()  # refused before the run started
+
+
+@pytest.mark.parametrize("saved, mode", [(MergeARConfig, "random"), (MergeRandARConfig, "raster")])
+def test_mergear_refuses_to_continue_the_other_generator(tmp_path, mergear_argv, saved, mode):
+    saved().save_pretrained(tmp_path / "ar")
+    argv = mergear_argv(tmp_path / "no-tokenizer", tmp_path / "out", tmp_path / "cache", 4, "--init_from", str(tmp_path / "ar"),
+                        "--generation_mode", mode)
+    with pytest.raises(ValueError, match=f"holds a '{saved.model_type}' model, but --generation_mode '{mode}' trains"):
+        train_mergear.main(argv)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,9 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, PretrainedConfig
 
+from ..configuration_mergear import MergeARConfig
 from ..configuration_randar import MergeRandARConfig
 from ..modeling_mergear import MergeARForCausalLM
 from ..modeling_mergevq import MergeVQModel
@@ -101,6 +102,15 @@ def main(argv: list[str] | None = None) -> MergeARTrainer | None:
     model_args, data_args, args = parse_args(argv)
     if model_args.init_from and model_args.config_overrides:
         raise ValueError("--config_overrides builds a new model; --init_from loads one with its own config: pass one of them")
+    if model_args.generation_mode not in ("raster", "random"):
+        raise ValueError(f"--generation_mode must be 'raster' or 'random', got {model_args.generation_mode!r}")
+    random_order = model_args.generation_mode == "random"
+    if model_args.init_from:  # a MergeAR loaded as a MergeRandAR (or back) would train under the other objective
+        expected = (MergeRandARConfig if random_order else MergeARConfig).model_type
+        found = PretrainedConfig.get_config_dict(model_args.init_from)[0].get("model_type")
+        if found != expected:
+            raise ValueError(f"--init_from {model_args.init_from!r} holds a {found!r} model, but --generation_mode "
+                             f"{model_args.generation_mode!r} trains a {expected!r} one")
     resume, finished = start_run(args, logger)
     if finished:
         return None
@@ -115,9 +125,6 @@ def main(argv: list[str] | None = None) -> MergeARTrainer | None:
             return images, pretokenize(images, tokenizer, candidates, image_column=data_args.image_column, label_column=data_args.label_column,
                                        batch_size=data_args.tokenize_batch_size, cache_dir=data_args.token_cache_dir)
 
-    if model_args.generation_mode not in ("raster", "random"):
-        raise ValueError(f"--generation_mode must be 'raster' or 'random', got {model_args.generation_mode!r}")
-    random_order = model_args.generation_mode == "random"
     dataset_class = MergeRandARTokenDataset if random_order else MergeARTokenDataset
     model_class = MergeRandARForCausalLM if random_order else MergeARForCausalLM
     images, train_tokens = tokens(data_args.split, data_args.max_train_samples)
