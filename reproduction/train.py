@@ -131,6 +131,9 @@ RECIPES: dict[str, Recipe] = {
     # The paper's optional fine-tune, continued: needs recovery-h192-l3 trained first.
     "recovery-h192-l3-ft": _recovery("recovery-h192-l3 fine-tuned 1,200 more steps at lr 5e-4", 1200,
                                      tokenizer="outputs/reproduction/recovery-h192-l3", learning_rate=5e-4),
+    # The same fine-tune of the recovery random order decodes through: needs recovery-h192-l3-enc2 (seed 0) trained first.
+    "recovery-h192-l3-enc2-ft": _recovery("recovery-h192-l3-enc2 fine-tuned 1,200 more steps at lr 5e-4", 1200,
+                                          tokenizer="outputs/reproduction/recovery-h192-l3-enc2", learning_rate=5e-4),
     # Are the bundled MergeAR and the gate only short of steps? Their 3,600-step runs trained further.
     "mergear-w8-continued": _continued("mergear-w8", "the bundled MergeAR's run; seed 0 is the bundled MergeAR"),
     "mergear-gate-left-w8-continued": _continued("mergear-gate-left-w8", "the gate with one grid row"),
