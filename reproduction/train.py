@@ -58,7 +58,7 @@ RECOVERY_BUDGET = GENERATOR_DATA + (
 class Recipe:
     summary: str
     trainer: str  # module whose main(argv) trains the model
-    arguments: tuple[str, ...]  # what defines the model ("{seed}" becomes the run's seed); the budget, output folder, seed and resume are added per run
+    arguments: tuple[str, ...]  # what defines the model ("{seed}" becomes the run's seed, "{seed_suffix}" its folder suffix); the budget, output folder, seed and resume are added per run
     ablation: bool = False  # an ablation: outputs/ablation, --steps applies; otherwise a model of the reproduction table
     learning_rate: str = "1e-3"  # an ablation's peak learning rate
 
@@ -74,10 +74,11 @@ def _ablation(summary: str, mode: str = "raster", **fields) -> Recipe:
     return Recipe(summary, MERGEAR_TRAINER, arguments, ablation=True)
 
 
-def _recovery(summary: str, steps: int, size: tuple[int, int, int] | None = None, tokenizer: str = BUNDLED_TOKENIZER,
+def _recovery(summary: str, steps: int, size: tuple[int, int, int] | None = None, fine_tune_of: str | None = None,
               learning_rate: float = 1e-3, token_layers: int = 0) -> Recipe:
-    """A new module of ``size`` (width, blocks, heads) and ``token_layers`` on ``tokenizer``, or, without a size, its
-    own module fine-tuned."""
+    """A new module of ``size`` (width, blocks, heads) and ``token_layers`` on the bundled tokenizer, or, with
+    ``fine_tune_of``, that recovery recipe's output of the same seed, its module fine-tuned."""
+    tokenizer = BUNDLED_TOKENIZER if fine_tune_of is None else f"outputs/reproduction/{fine_tune_of}{{seed_suffix}}"
     arguments = ("--tokenizer", tokenizer, "--with_positions", "true", "--max_steps", str(steps), "--learning_rate", str(learning_rate))
     if size is not None:
         arguments += ("--hidden_size", str(size[0]), "--num_layers", str(size[1]), "--num_heads", str(size[2]),
@@ -128,12 +129,11 @@ RECIPES: dict[str, Recipe] = {
     "recovery-h96-l2-enc2": _recovery("recovery-h96-l2 with 2 self-attention blocks over the tokens first (0.55M)", 900, (96, 2, 4), token_layers=2),
     "recovery-h192-l3": _recovery("width 192, 3 blocks (1.9M: the paper's 7M scaled by L = 64 / 256), 2,400 steps", 2400, (192, 3, 6)),
     "recovery-h192-l3-enc2": _recovery("recovery-h192-l3 with 2 self-attention blocks over the tokens first (2.8M)", 2400, (192, 3, 6), token_layers=2),
-    # The paper's optional fine-tune, continued: needs recovery-h192-l3 trained first.
+    # The paper's optional fine-tune, continued: needs the recovery of the same seed trained first.
     "recovery-h192-l3-ft": _recovery("recovery-h192-l3 fine-tuned 1,200 more steps at lr 5e-4", 1200,
-                                     tokenizer="outputs/reproduction/recovery-h192-l3", learning_rate=5e-4),
-    # The same fine-tune of the recovery random order decodes through: needs recovery-h192-l3-enc2 (seed 0) trained first.
-    "recovery-h192-l3-enc2-ft": _recovery("recovery-h192-l3-enc2 fine-tuned 1,200 more steps at lr 5e-4", 1200,
-                                          tokenizer="outputs/reproduction/recovery-h192-l3-enc2", learning_rate=5e-4),
+                                     fine_tune_of="recovery-h192-l3", learning_rate=5e-4),
+    "recovery-h192-l3-enc2-ft": _recovery("recovery-h192-l3-enc2 (the recovery random order decodes through) fine-tuned "
+                                          "1,200 more steps at lr 5e-4", 1200, fine_tune_of="recovery-h192-l3-enc2", learning_rate=5e-4),
     # Are the bundled MergeAR and the gate only short of steps? Their 3,600-step runs trained further.
     "mergear-w8-continued": _continued("mergear-w8", "the bundled MergeAR's run; seed 0 is the bundled MergeAR"),
     "mergear-gate-left-w8-continued": _continued("mergear-gate-left-w8", "the gate with one grid row"),
@@ -167,6 +167,7 @@ def training_job(name: str, seed: int = 0, steps: int | None = None, resume: boo
     if seed < 0:
         raise ValueError(f"--seed must be non-negative, got {seed}")
     recipe = RECIPES[name]
+    seed_suffix = f"-seed{seed}" if seed else ""  # a reproduction model's folder: NAME for seed 0, NAME-seedN otherwise
     if recipe.ablation:
         steps = DEFAULT_ABLATION_STEPS if steps is None else steps
         if steps < 4:
@@ -179,9 +180,10 @@ def training_job(name: str, seed: int = 0, steps: int | None = None, resume: boo
     else:
         if steps is not None:
             raise ValueError(f"--steps applies to the generator ablations only: {name} is trained at the table's fixed budget")
-        output_dir = f"outputs/reproduction/{name}" + (f"-seed{seed}" if seed else "")
+        output_dir = f"outputs/reproduction/{name}{seed_suffix}"
         budget = {MERGEAR_TRAINER: GENERATOR_BUDGET, RECOVERY_TRAINER: RECOVERY_BUDGET}.get(recipe.trainer, TOKENIZER_BUDGET)
-    arguments = ["--output_dir", output_dir, *(a.replace("{seed}", str(seed)) for a in recipe.arguments), *budget, "--seed", str(seed), "--use_cpu", "--disable_tqdm", "true"]
+    defining = (a.replace("{seed}", str(seed)).replace("{seed_suffix}", seed_suffix) for a in recipe.arguments)
+    arguments = ["--output_dir", output_dir, *defining, *budget, "--seed", str(seed), "--use_cpu", "--disable_tqdm", "true"]
     if resume:
         arguments += ["--resume_from_checkpoint", "last"]
     return TrainingJob(name, recipe.trainer, arguments)

@@ -137,6 +137,10 @@ def test_recipes_give_the_arguments_of_the_former_shell_scripts():
         "--output_dir", "outputs/ablation/randar-continued-steps3600-seed1", "--tokenizer", BUNDLED_TOKENIZER,
         "--init_from", "outputs/ablation/randar-steps3600-seed1", "--generation_mode", "random",
     ]
+    for seed, suffix in ((0, ""), (1, "-seed1")):  # a recovery's fine-tune starts from the same seed's recovery
+        assert train.training_job("recovery-h192-l3-enc2-ft", seed=seed).arguments[:4] == [
+            "--output_dir", f"outputs/reproduction/recovery-h192-l3-enc2-ft{suffix}", "--tokenizer", f"outputs/reproduction/recovery-h192-l3-enc2{suffix}",
+        ]
     assert train.training_job("grid-vq-8", seed=2).arguments[:4] == ["--output_dir", "outputs/reproduction/grid-vq-8-seed2", "--grid_size", "8"]
     assert train.training_job("grid-vq-8").trainer == "reproduction.grid_vq"
     for recipe in train.RECIPES.values():  # every override is a JSON object the trainers accept
