@@ -12,8 +12,9 @@ Three parts, each printing a markdown table (benchmarks/RESULTS.md, "Random-orde
   true parent. Paper, ImageNet G+R: rFID 1.48 (true) -> 1.71 (predicted).
 * ``generation --tokenizer DIR [--mergear DIR...] [--randar DIR...]``: FD and class accuracy (LeNet) of class-conditional
   samples of both generators on the same tokenizer, against Fashion-MNIST test images (``--reference heldout``:
-  training images no generator saw, for choosing settings); one folder per training seed, scored with the same
-  sample seeds, then the mean and (lowest-highest) over seeds. ``--through-recovery`` adds MergeAR's samples decoded
+  training images no generator saw, for choosing settings; ``--reference heldout test``: both, from the same samples);
+  one folder per training seed, scored with the same sample seeds, then the mean and (lowest-highest) over seeds.
+  ``--reference-images 10000`` compares with the whole reference set instead of as many images as samples. ``--through-recovery`` adds MergeAR's samples decoded
   through the recovery's map of their merged tokens: what the decoding path alone costs, on MergeAR's content
   (it also prints how many distinct codes MergeAR made per image). ``--randar-num-tokens K...`` asks random order for
   other K than MergeAR: an ungated MergeAR asked for K makes more distinct codes than K, so equal K is not an equal
@@ -173,20 +174,51 @@ def raster_through_recovery_sample_fn(pipe, **call_kwargs):
     return sample
 
 
+def recording(sample_fn):
+    """``sample_fn`` that keeps what it draws and its time spent drawing (``.seconds``); ``.replay()`` gives a sampler
+    that hands the same images back in the same order, so one set of samples is scored against several reference sets."""
+    drawn = []
+
+    def sample(class_labels, generator):
+        start = time.perf_counter()
+        images = sample_fn(class_labels, generator)
+        sample.seconds += time.perf_counter() - start
+        drawn.append((class_labels.clone(), images))
+        return images
+
+    def replay():
+        batches = iter(drawn)
+
+        def sample_again(class_labels, generator):
+            labels, images = next(batches)
+            if not torch.equal(labels, class_labels):
+                raise RuntimeError("replayed samples were asked for other labels than they were drawn for")
+            return images
+
+        return sample_again
+
+    sample.seconds = 0.0
+    sample.replay = replay
+    return sample
+
+
 @torch.no_grad()
 def generation(args):
     from mergevq_hf import MergeVQPipeline
     from mergevq_hf.evaluation import evaluate_generation, format_seed_spread, pipeline_sample_fn
 
     vq_model = MergeVQModel.from_pretrained(args.tokenizer).eval().to(args.device)
-    load_images = fashion_heldout_images if args.reference == "heldout" else fashion_test_images
-    images, _ = load_images(vq_model.config.image_size, args.num_samples)
+    load_images = {"heldout": fashion_heldout_images, "test": fashion_test_images}
+    references = {name: load_images[name](vq_model.config.image_size, args.reference_images or args.num_samples)[0]
+                  for name in args.reference}
     labels = torch.arange(args.num_samples) % 10
-    print(f"{args.num_samples} samples per model (labels cycling over the 10 classes) vs {len(images)} {args.reference} images, "
+    against = " and ".join(f"{len(images)} {name}" for name, images in references.items())
+    print(f"{args.num_samples} samples per model (labels cycling over the 10 classes) vs {against} images, "
           f"K = {args.num_tokens or 'default'}, guidance scale {args.guidance_scale}; several folders: one per training "
           "seed, mean (lowest-highest)\n")
-    print("| generator | seeds | steps / image | FD-LeNet | class accuracy (LeNet) | images/s |")
-    print("|---|---|---|---|---|---|")
+    fd_columns = " | ".join(f"FD-LeNet ({name})" if len(references) > 1 else "FD-LeNet" for name in references)
+    print(f"| generator | seeds | steps / image | {fd_columns} | class accuracy (LeNet) | images/s (sampling) |")
+    print("|---|---|---|" + "---|" * len(references) + "---|---|")
     # (name, folders, class, K asked for, extra pipeline arguments or "recovery")
     rows = [("MergeAR (raster)", args.mergear, MergeARForCausalLM, args.num_tokens, {})] if args.mergear else []
     if args.mergear and args.linear_schedule:
@@ -203,7 +235,7 @@ def generation(args):
     if args.through_recovery:
         rows.append(("MergeAR (raster), decoded through the source recovery", args.mergear, MergeARForCausalLM, args.num_tokens, "recovery"))
     for name, paths, model_class, num_tokens, extra in rows:
-        scores = {"fd": [], "accuracy": [], "rate": []}
+        scores = {"accuracy": [], "rate": [], **{f"fd/{name}": [] for name in references}}
         for path in paths:
             transformer = model_class.from_pretrained(path).eval().to(args.device)
             pipe = MergeVQPipeline(vq_model=vq_model, transformer=transformer)
@@ -211,19 +243,22 @@ def generation(args):
                 sample_fn = raster_through_recovery_sample_fn(pipe, num_tokens=num_tokens, guidance_scale=args.guidance_scale)
             else:
                 sample_fn = pipeline_sample_fn(pipe, num_tokens=num_tokens, guidance_scale=args.guidance_scale, **extra)
-            start = time.perf_counter()
-            result = evaluate_generation(sample_fn, labels, images, feature_networks=("lenet-fashion",),
-                                         batch_size=args.batch_size, device=args.device)
-            scores["rate"].append(args.num_samples / (time.perf_counter() - start))
-            scores["fd"].append(result["fd/lenet-fashion"])
+            recorded = recording(sample_fn)
+            for i, (reference, images) in enumerate(references.items()):
+                result = evaluate_generation(recorded if i == 0 else recorded.replay(), labels, images,
+                                             feature_networks=("lenet-fashion",), batch_size=args.batch_size,
+                                             device=args.device)
+                scores[f"fd/{reference}"].append(result["fd/lenet-fashion"])
+            scores["rate"].append(args.num_samples / recorded.seconds)
             scores["accuracy"].append(result["class_accuracy/lenet-fashion"])
             if extra == "recovery":
                 counts = torch.tensor(sample_fn.distinct_codes, dtype=torch.float)
                 print(f"  {path}: {counts.mean():.1f} distinct codes per image (the recovery's K)", flush=True)
         k = num_tokens or transformer.config.num_tokens
         steps = k if pipe.generation_mode == "random" else transformer.config.num_patches
-        print(f"| {name} | {len(paths)} | {steps} | {format_seed_spread(scores['fd'], 2)} | "
-              f"{format_seed_spread(scores['accuracy'], 3)} | {sum(scores['rate']) / len(paths):.1f} |")
+        fds = " | ".join(format_seed_spread(scores[f"fd/{reference}"], 2) for reference in references)
+        print(f"| {name} | {len(paths)} | {steps} | {fds} | {format_seed_spread(scores['accuracy'], 3)} | "
+              f"{sum(scores['rate']) / len(paths):.1f} |")
 
 
 def main():
@@ -262,8 +297,12 @@ def main():
     part.add_argument("--num-samples", type=int, default=2000)
     part.add_argument("--batch-size", type=int, default=100)
     part.add_argument("--guidance-scale", "--cfg", type=float, default=2.0)
-    part.add_argument("--reference", choices=("heldout", "test"), default="test",
-                      help="compare samples with held-out training images (for choosing) or test images (for reporting)")
+    part.add_argument("--reference", nargs="+", choices=("heldout", "test"), default=["test"],
+                      help="compare samples with held-out training images (for choosing) or test images (for "
+                           "reporting); both: one FD column each, from the same samples")
+    part.add_argument("--reference-images", type=int, default=None,
+                      help="real images per reference set (default: as many as --num-samples; 10000, the whole set, "
+                           "takes the reference's own sampling noise out of FD)")
     args = parser.parse_args()
     if args.part == "generation" and not (args.mergear or args.randar):
         parser.error("generation needs --mergear or --randar folders (or both)")

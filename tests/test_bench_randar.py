@@ -47,3 +47,24 @@ def test_through_recovery_with_a_perfect_recovery_gives_the_pipelines_own_images
     assert not exact_maps
     assert sample.distinct_codes == [len(set(row.tolist())) for row in raster]
     torch.testing.assert_close(images, own.clamp(-1, 1), atol=2e-3, rtol=0)
+
+
+def test_recording_replays_the_same_images_and_refuses_other_labels(bench):
+    """Scoring one set of samples against two reference sets must score the same images twice, not draw new ones."""
+    calls = []
+
+    def draw(class_labels, generator):
+        calls.append(class_labels)
+        return torch.rand(len(class_labels), 3, 4, 4, generator=generator)
+
+    sample = bench.recording(draw)
+    first = [sample(torch.tensor([0, 1]), torch.Generator().manual_seed(0)),
+             sample(torch.tensor([2]), torch.Generator().manual_seed(1))]
+    seconds = sample.seconds
+    assert seconds > 0
+    again = sample.replay()
+    assert torch.equal(again(torch.tensor([0, 1]), torch.Generator().manual_seed(5)), first[0])
+    assert torch.equal(again(torch.tensor([2]), torch.Generator().manual_seed(6)), first[1])
+    assert len(calls) == 2 and sample.seconds == seconds  # replaying draws nothing and costs no sampling time
+    with pytest.raises(RuntimeError, match="other labels"):
+        sample.replay()(torch.tensor([1, 0]), None)
