@@ -173,7 +173,8 @@ def evaluate_generation(
     features right away, so only features are gathered. Returns ``fd/<net>`` (gFID-style), ``kid/<net>``,
     ``precision/<net>``, ``recall/<net>``, and for networks with class logits (``lenet-fashion``)
     ``is_like/<net>`` and ``class_accuracy/<net>`` (arg-max class vs conditioning label: meaningful only when the
-    generator's classes are that classifier's classes). Use as many generated as reference images: FD depends on N.
+    generator's classes are that classifier's classes). FD depends on the number of samples, so compare figures at
+    equal counts; a large ``reference_images`` (the whole split) keeps the real side's own sampling noise out.
     ``feature_networks=None`` means :func:`default_feature_networks` of the larger of the two sets.
     """
     if feature_networks is None:
