@@ -14,11 +14,11 @@ Three parts, each printing a markdown table (benchmarks/RESULTS.md, "Random-orde
   samples of both generators on the same tokenizer, against Fashion-MNIST test images (``--reference heldout``:
   training images no generator saw, for choosing settings; ``--reference heldout test``: both, from the same samples);
   one folder per training seed, scored with the same sample seeds, then the mean and (lowest-highest) over seeds.
-  ``--reference-images 10000`` compares with the whole reference set instead of as many images as samples. ``--through-recovery`` adds MergeAR's samples decoded
-  through the recovery's map of their merged tokens: what the decoding path alone costs, on MergeAR's content
-  (it also prints how many distinct codes MergeAR made per image). ``--randar-num-tokens K...`` asks random order for
-  other K than MergeAR: an ungated MergeAR asked for K makes more distinct codes than K, so equal K is not an equal
-  token count. ``--randar-sampling sub_token joint`` scores random order drawing per sub-token (the default, as MergeAR
+  ``--reference-images 10000`` compares with the whole reference set instead of as many images as samples.
+  ``--through-recovery`` adds MergeAR's samples decoded through the recovery's map of their merged tokens: what the
+  decoding path alone costs, on MergeAR's content (it also prints how many distinct codes MergeAR made per image).
+  ``--randar-num-tokens K...`` asks random order for other K than MergeAR: an ungated MergeAR asked for K makes more
+  distinct codes than K, so equal K is not an equal token count. ``--randar-sampling sub_token joint`` scores random order drawing per sub-token (the default, as MergeAR
   draws) and from the exact joint.
 
 Python's GC is frozen after the imports, for every part (the libraries' objects would otherwise be rescanned during
@@ -235,7 +235,7 @@ def generation(args):
     if args.through_recovery:
         rows.append(("MergeAR (raster), decoded through the source recovery", args.mergear, MergeARForCausalLM, args.num_tokens, "recovery"))
     for name, paths, model_class, num_tokens, extra in rows:
-        scores = {"accuracy": [], "rate": [], **{f"fd/{name}": [] for name in references}}
+        scores = {"accuracy": [], "rate": [], **{f"fd/{reference}": [] for reference in references}}
         for path in paths:
             transformer = model_class.from_pretrained(path).eval().to(args.device)
             pipe = MergeVQPipeline(vq_model=vq_model, transformer=transformer)
