@@ -14,7 +14,7 @@ Three parts, each printing a markdown table (benchmarks/RESULTS.md, "Random-orde
   samples of both generators on the same tokenizer, against Fashion-MNIST test images (``--reference heldout``:
   training images no generator saw, for choosing settings; ``--reference heldout test``: both, from the same samples);
   one folder per training seed, scored with the same sample seeds, then the mean and (lowest-highest) over seeds.
-  ``--reference-images 10000`` compares with the whole reference set instead of as many images as samples.
+  The real side is the whole reference set (10,000 images) unless ``--reference-images N`` asks for a fixed subset.
   ``--through-recovery`` adds MergeAR's samples decoded through the recovery's map of their merged tokens: what the
   decoding path alone costs, on MergeAR's content (it also prints how many distinct codes MergeAR made per image).
   ``--randar-num-tokens K...`` asks random order for other K than MergeAR: an ungated MergeAR asked for K makes more
@@ -89,14 +89,14 @@ def speed(args):
               f"{rate['raster']:.2f} | {rate['random']:.2f} | {rate['random'] / rate['raster']:.2f}x |")
 
 
-def fashion_test_images(image_size: int, num_samples: int):
+def fashion_test_images(image_size: int, num_samples: int | None = None):
     from mergevq_hf.evaluation import dataset_to_tensors
     from mergevq_hf.training import load_image_dataset
 
     return dataset_to_tensors(load_image_dataset("fashion_mnist", "test"), image_size, num_samples=num_samples)
 
 
-def fashion_heldout_images(image_size: int, num_samples: int):
+def fashion_heldout_images(image_size: int, num_samples: int | None = None):
     """Training images that no generator saw, for choosing settings."""
     from mergevq_hf.evaluation import dataset_to_tensors
     from mergevq_hf.training import FASHION_MNIST_HELDOUT_ROWS, load_image_dataset
@@ -209,7 +209,7 @@ def generation(args):
 
     vq_model = MergeVQModel.from_pretrained(args.tokenizer).eval().to(args.device)
     load_images = {"heldout": fashion_heldout_images, "test": fashion_test_images}
-    references = {name: load_images[name](vq_model.config.image_size, args.reference_images or args.num_samples)[0]
+    references = {name: load_images[name](vq_model.config.image_size, args.reference_images)[0]
                   for name in args.reference}
     labels = torch.arange(args.num_samples) % 10
     against = " and ".join(f"{len(images)} {name}" for name, images in references.items())
@@ -301,8 +301,8 @@ def main():
                       help="compare samples with held-out training images (for choosing) or test images (for "
                            "reporting); both: one FD column each, from the same samples")
     part.add_argument("--reference-images", type=int, default=None,
-                      help="real images per reference set (default: as many as --num-samples; 10000, the whole set, "
-                           "takes the reference's own sampling noise out of FD)")
+                      help="real images per reference set, a fixed subset (default: the whole set, 10,000 images; "
+                           "1000 real images add several FD points of sampling noise of their own)")
     args = parser.parse_args()
     if args.part == "generation" and not (args.mergear or args.randar):
         parser.error("generation needs --mergear or --randar folders (or both)")
