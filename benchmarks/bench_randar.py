@@ -9,7 +9,9 @@ Three parts, each printing a markdown table (benchmarks/RESULTS.md, "Random-orde
 * ``recon --tokenizer DIR``: Fashion-MNIST test images encoded to K tokens and decoded through the true source
   map vs the source map that the learned source recovery predicts from the K codes alone (what random-order
   generation has to use). PSNR, FD on the Fashion-MNIST LeNet (rFID-style), and how many positions get their
-  true parent. Paper, ImageNet G+R: rFID 1.48 (true) -> 1.71 (predicted).
+  true parent. Paper, ImageNet G+R: rFID 1.48 (true) -> 1.71 (predicted). ``--soft-maps`` and ``--ensemble-with DIR``
+  add two ways of using the recovery at inference: decoding each position's expected code instead of its most likely
+  parent's, and averaging two recoveries (e.g. two training seeds).
 * ``generation --tokenizer DIR [--mergear DIR...] [--randar DIR...]``: FD and class accuracy (LeNet) of class-conditional
   samples of both generators on the same tokenizer, against Fashion-MNIST test images (``--reference heldout``:
   training images no generator saw, for choosing settings; ``--reference heldout test``: both, from the same samples);
@@ -18,8 +20,8 @@ Three parts, each printing a markdown table (benchmarks/RESULTS.md, "Random-orde
   ``--through-recovery`` adds MergeAR's samples decoded through the recovery's map of their merged tokens: what the
   decoding path alone costs, on MergeAR's content (it also prints how many distinct codes MergeAR made per image).
   ``--randar-num-tokens K...`` asks random order for other K than MergeAR: an ungated MergeAR asked for K makes more
-  distinct codes than K, so equal K is not an equal token count. ``--randar-sampling sub_token joint`` scores random order drawing per sub-token (the default, as MergeAR
-  draws) and from the exact joint.
+  distinct codes than K, so equal K is not an equal token count. ``--randar-sampling sub_token joint`` scores random
+  order drawing per sub-token (the default, as MergeAR draws) and from the exact joint.
 
 Python's GC is frozen after the imports, for every part (the libraries' objects would otherwise be rescanned during
 the decoding loops).
@@ -110,6 +112,15 @@ def recon(args):
     from mergevq_hf.evaluation import extract_features, frechet_distance, load_feature_extractor, psnr
 
     vq_model = MergeVQModel.from_pretrained(args.tokenizer).eval().to(args.device)
+    other = None
+    if args.ensemble_with:
+        other = MergeVQModel.from_pretrained(args.ensemble_with).eval().to(args.device)
+        mine, theirs = vq_model.state_dict(), other.state_dict()
+        if mine.keys() != theirs.keys() or any(
+            not name.startswith("source_recovery.") and not torch.equal(mine[name], theirs[name]) for name in mine
+        ):
+            raise ValueError(f"--ensemble-with {args.ensemble_with} must be {args.tokenizer} with another source recovery "
+                             "(same encoder, quantiser and decoder)")
     images, _ = fashion_test_images(vq_model.config.image_size, args.num_samples)
     lenet = load_feature_extractor("lenet-fashion", args.device)
     real = extract_features(lenet, images)[0]
@@ -121,6 +132,9 @@ def recon(args):
     # "predicted from codes + positions": what random-order generation has, each token's grid position as well
     with_positions = vq_model.config.source_recovery_with_positions
     kinds = ["true", "predicted from codes + positions"] + ([] if with_positions else ["predicted from codes"])
+    kinds += ["two recoveries, log-probabilities averaged"] if other is not None else []
+    kinds += ["soft: each position the expected code under the predicted map"] if args.soft_maps else []
+    kinds += ["soft, two recoveries averaged"] if args.soft_maps and other is not None else []
     for num_tokens in args.num_tokens or [vq_model.config.num_tokens]:
         rows, agreement, code_agreement = ({kind: [] for kind in kinds} for _ in range(3))
         for batch in images.split(args.batch_size):
@@ -130,17 +144,39 @@ def recon(args):
             maps = {"true": encoded.source_map, "predicted from codes + positions": vq_model.predict_source_map(encoded.indices, positions)}
             if not with_positions:
                 maps["predicted from codes"] = vq_model.predict_source_map(encoded.indices)
+            codes = vq_model.quantize.indices_to_codes(encoded.indices, dtype=vq_model.dtype)
+            probabilities = vq_model.source_recovery(codes, positions).softmax(-1)
+            if other is not None:
+                probabilities_other = other.source_recovery(codes, positions).softmax(-1)
+                averaged = (probabilities.log() + probabilities_other.log()).div(2).softmax(-1)
+                maps["two recoveries, log-probabilities averaged"] = averaged.argmax(-1)
+            mixtures = {}
+            if args.soft_maps:
+                mixtures["soft: each position the expected code under the predicted map"] = probabilities
+                if other is not None:
+                    mixtures["soft, two recoveries averaged"] = averaged
             true_codes = encoded.indices.gather(1, encoded.source_map)
             for kind, source_map in maps.items():
                 agreement[kind].append((source_map == encoded.source_map).float().mean(1).cpu())
                 code_agreement[kind].append((encoded.indices.gather(1, source_map) == true_codes).float().mean(1).cpu())
                 rows[kind].append(vq_model.decode(encoded.indices, source_map).float().cpu())
+            for kind, weights in mixtures.items():  # the agreement columns: the same map's most likely parents
+                agreement[kind].append((weights.argmax(-1) == encoded.source_map).float().mean(1).cpu())
+                code_agreement[kind].append((encoded.indices.gather(1, weights.argmax(-1)) == true_codes).float().mean(1).cpu())
+                rows[kind].append(decode_mixture(vq_model, codes, weights).float().cpu())
         for kind, decoded in rows.items():
             decoded = torch.cat(decoded)
             fd = frechet_distance(real, extract_features(lenet, decoded)[0])
             score = float(psnr(decoded, images.float()))
             print(f"| {num_tokens} | {kind} | {score:.2f} | {fd:.2f} | {float(torch.cat(agreement[kind]).mean()):.3f} | "
                   f"{float(torch.cat(code_agreement[kind]).mean()):.3f} |")
+
+
+def decode_mixture(vq_model, codes: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Pixels from every position's expected code under a soft source map `weights` [B, L, K] (codes [B, K, bits])."""
+    side = vq_model.config.grid_size
+    mixed = weights.to(codes.dtype) @ codes  # [B, L, bits]
+    return vq_model.decoder(mixed.transpose(1, 2).reshape(len(codes), -1, side, side)).clamp(-1, 1)
 
 
 def merged_tokens(raster_codes: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -278,6 +314,12 @@ def main():
     part.add_argument("--num-tokens", type=int, nargs="*")
     part.add_argument("--num-samples", type=int, default=2000)
     part.add_argument("--batch-size", type=int, default=250)
+    part.add_argument("--soft-maps", action="store_true",
+                      help="also decode every position from the expected code under the predicted map, not its most "
+                           "likely parent's")
+    part.add_argument("--ensemble-with", metavar="DIR",
+                      help="the same tokenizer with another source recovery (e.g. another training seed): also the "
+                           "map of the two recoveries' averaged log-probabilities")
     part = parts.add_parser("generation")
     part.add_argument("--tokenizer", required=True)
     part.add_argument("--mergear", nargs="*", default=[],

@@ -68,3 +68,19 @@ def test_recording_replays_the_same_images_and_refuses_other_labels(bench):
     assert len(calls) == 2 and sample.seconds == seconds  # replaying draws nothing and costs no sampling time
     with pytest.raises(RuntimeError, match="other labels"):
         sample.replay()(torch.tensor([1, 0]), None)
+
+
+def test_decode_mixture_of_a_one_hot_map_is_decoding_through_that_map(bench, make_tiny_pipeline):
+    """A soft map that puts all weight on one parent per position must decode as that hard map does."""
+    vq_model = make_tiny_pipeline(seed=2).vq_model
+    num_tokens, length = 5, vq_model.config.num_patches
+    generator = torch.Generator().manual_seed(0)
+    indices = torch.randint(0, 2 ** vq_model.config.codebook_bits, (2, num_tokens), generator=generator)
+    source_map = torch.randint(0, num_tokens, (2, length), generator=generator)
+    source_map[:, :num_tokens] = torch.arange(num_tokens)  # every token holds a position
+    codes = vq_model.quantize.indices_to_codes(indices, dtype=vq_model.dtype)
+    weights = torch.nn.functional.one_hot(source_map, num_tokens).float()
+    with torch.no_grad():
+        torch.testing.assert_close(bench.decode_mixture(vq_model, codes, weights), vq_model.decode(indices, source_map))
+        halfway = bench.decode_mixture(vq_model, codes, weights.roll(1, dims=-1) * 0.5 + weights * 0.5)
+    assert not torch.allclose(halfway, vq_model.decode(indices, source_map), atol=1e-3)
