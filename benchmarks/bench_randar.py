@@ -34,6 +34,7 @@ Usage:
 
 import argparse
 import gc
+from collections import defaultdict
 import platform
 import time
 
@@ -131,12 +132,8 @@ def recon(args):
     print("|---|---|---|---|---|---|")
     # "predicted from codes + positions": what random-order generation has, each token's grid position as well
     with_positions = vq_model.config.source_recovery_with_positions
-    kinds = ["true", "predicted from codes + positions"] + ([] if with_positions else ["predicted from codes"])
-    kinds += ["two recoveries, log-probabilities averaged"] if other is not None else []
-    kinds += ["soft: each position the expected code under the predicted map"] if args.soft_maps else []
-    kinds += ["soft, two recoveries averaged"] if args.soft_maps and other is not None else []
     for num_tokens in args.num_tokens or [vq_model.config.num_tokens]:
-        rows, agreement, code_agreement = ({kind: [] for kind in kinds} for _ in range(3))
+        rows, agreement, code_agreement = (defaultdict(list) for _ in range(3))  # per kind of map, in table order
         for batch in images.split(args.batch_size):
             batch = batch.to(args.device)
             encoded = vq_model.encode(batch, num_tokens=num_tokens)
@@ -144,17 +141,17 @@ def recon(args):
             maps = {"true": encoded.source_map, "predicted from codes + positions": vq_model.predict_source_map(encoded.indices, positions)}
             if not with_positions:
                 maps["predicted from codes"] = vq_model.predict_source_map(encoded.indices)
-            codes = vq_model.quantize.indices_to_codes(encoded.indices, dtype=vq_model.dtype)
-            probabilities = vq_model.source_recovery(codes, positions).softmax(-1)
-            if other is not None:
-                probabilities_other = other.source_recovery(codes, positions).softmax(-1)
-                averaged = (probabilities.log() + probabilities_other.log()).div(2).softmax(-1)
-                maps["two recoveries, log-probabilities averaged"] = averaged.argmax(-1)
             mixtures = {}
-            if args.soft_maps:
-                mixtures["soft: each position the expected code under the predicted map"] = probabilities
+            if args.soft_maps or other is not None:
+                codes = vq_model.quantize.indices_to_codes(encoded.indices, dtype=vq_model.dtype)
+                log_probabilities = vq_model.source_recovery(codes, positions).log_softmax(-1)
+                if args.soft_maps:
+                    mixtures["soft: each position the expected code under the predicted map"] = log_probabilities.exp()
                 if other is not None:
-                    mixtures["soft, two recoveries averaged"] = averaged
+                    averaged = (log_probabilities + other.source_recovery(codes, positions).log_softmax(-1)).div(2).softmax(-1)
+                    maps["two recoveries, log-probabilities averaged"] = averaged.argmax(-1)
+                    if args.soft_maps:
+                        mixtures["soft, two recoveries averaged"] = averaged
             true_codes = encoded.indices.gather(1, encoded.source_map)
             for kind, source_map in maps.items():
                 agreement[kind].append((source_map == encoded.source_map).float().mean(1).cpu())
