@@ -53,6 +53,14 @@ RECOVERY_BUDGET = GENERATOR_DATA + (
     "--save_total_limit", "2", "--eval_samples", "0",
 )
 
+# Decoder fine-tunes on predicted maps: the generators' images, the tokenizer's batch, a tenth of its GAN recipe's
+# learning rate from a trained decoder, a fresh discriminator on from the first step.
+DECODER_BUDGET = (
+    "--dataset", "fashion_mnist", "--max_train_samples", "30000", "--max_steps", "1200", "--per_device_train_batch_size", "32",
+    "--learning_rate", "1e-4", "--discriminator_start", "0", "--logging_steps", "50", "--save_steps", "300",
+    "--save_total_limit", "2", "--eval_samples", "0",
+)
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -61,6 +69,7 @@ class Recipe:
     arguments: tuple[str, ...]  # what defines the model ("{seed}" becomes the run's seed, "{seed_suffix}" its folder suffix); the budget, output folder, seed and resume are added per run
     ablation: bool = False  # an ablation: outputs/ablation, --steps applies; otherwise a model of the reproduction table
     learning_rate: str = "1e-3"  # an ablation's peak learning rate
+    budget: tuple[str, ...] | None = None  # steps, batch and data when not its trainer's default budget
 
 
 def _tokenizer_at(k: int) -> Recipe:
@@ -75,15 +84,23 @@ def _ablation(summary: str, mode: str = "raster", **fields) -> Recipe:
 
 
 def _recovery(summary: str, steps: int, size: tuple[int, int, int] | None = None, fine_tune_of: str | None = None,
-              learning_rate: float = 1e-3, token_layers: int = 0) -> Recipe:
+              learning_rate: float = 1e-3, token_layers: int = 0, relative_bias: bool = False) -> Recipe:
     """A new module of ``size`` (width, blocks, heads) and ``token_layers`` on the bundled tokenizer, or, with
     ``fine_tune_of``, that recovery recipe's output of the same seed, its module fine-tuned."""
     tokenizer = BUNDLED_TOKENIZER if fine_tune_of is None else f"outputs/reproduction/{fine_tune_of}{{seed_suffix}}"
     arguments = ("--tokenizer", tokenizer, "--with_positions", "true", "--max_steps", str(steps), "--learning_rate", str(learning_rate))
     if size is not None:
         arguments += ("--hidden_size", str(size[0]), "--num_layers", str(size[1]), "--num_heads", str(size[2]),
-                      "--num_token_layers", str(token_layers))
+                      "--num_token_layers", str(token_layers), "--relative_bias", str(relative_bias).lower())
     return Recipe(f"source recovery with positions, {summary}", RECOVERY_TRAINER, arguments)
+
+
+def _decoder_on(recovery: str) -> Recipe:
+    """The tokenizer of ``recovery`` (same seed, trained first) with its decoder fine-tuned on that recovery's
+    predicted maps, everything else frozen: the decoder random-order generation decodes through."""
+    arguments = ("--init_from", f"outputs/reproduction/{recovery}{{seed_suffix}}", "--teacher", "none", "--decode_source_map", "predicted")
+    return Recipe(f"{recovery}'s tokenizer, its decoder fine-tuned 1,200 steps on the recovery's predicted maps",
+                  TOKENIZER_TRAINER, arguments, budget=DECODER_BUDGET)
 
 
 def _continued(base: str, what: str, mode: str = "raster") -> Recipe:
@@ -129,11 +146,19 @@ RECIPES: dict[str, Recipe] = {
     "recovery-h96-l2-enc2": _recovery("recovery-h96-l2 with 2 self-attention blocks over the tokens first (0.55M)", 900, (96, 2, 4), token_layers=2),
     "recovery-h192-l3": _recovery("width 192, 3 blocks (1.9M: the paper's 7M scaled by L = 64 / 256), 2,400 steps", 2400, (192, 3, 6)),
     "recovery-h192-l3-enc2": _recovery("recovery-h192-l3 with 2 self-attention blocks over the tokens first (2.8M)", 2400, (192, 3, 6), token_layers=2),
+    # A learned bias per 2-D grid offset between a position and a token's position (docs/design.md §1.5).
+    "recovery-h96-l2-enc2-rel": _recovery("recovery-h96-l2-enc2 with grid-offset biases", 900, (96, 2, 4), token_layers=2,
+                                          relative_bias=True),
+    "recovery-h192-l3-enc2-rel": _recovery("recovery-h192-l3-enc2 with grid-offset biases", 2400, (192, 3, 6), token_layers=2,
+                                           relative_bias=True),
     # The paper's optional fine-tune, continued: needs the recovery of the same seed trained first.
     "recovery-h192-l3-ft": _recovery("recovery-h192-l3 fine-tuned 1,200 more steps at lr 5e-4", 1200,
                                      fine_tune_of="recovery-h192-l3", learning_rate=5e-4),
     "recovery-h192-l3-enc2-ft": _recovery("recovery-h192-l3-enc2 (the recovery random order decodes through) fine-tuned "
                                           "1,200 more steps at lr 5e-4", 1200, fine_tune_of="recovery-h192-l3-enc2", learning_rate=5e-4),
+    # The decoder random order decodes through, taught the recovery's errors (docs/design.md §1.5).
+    "decoder-h96-l2-enc2": _decoder_on("recovery-h96-l2-enc2"),
+    "decoder-h192-l3-enc2": _decoder_on("recovery-h192-l3-enc2"),
     # Are the bundled MergeAR and the gate only short of steps? Their 3,600-step runs trained further.
     "mergear-w8-continued": _continued("mergear-w8", "the bundled MergeAR's run; seed 0 is the bundled MergeAR"),
     "mergear-gate-left-w8-continued": _continued("mergear-gate-left-w8", "the gate with one grid row"),
@@ -181,7 +206,7 @@ def training_job(name: str, seed: int = 0, steps: int | None = None, resume: boo
         if steps is not None:
             raise ValueError(f"--steps applies to the generator ablations only: {name} is trained at the table's fixed budget")
         output_dir = f"outputs/reproduction/{name}{seed_suffix}"
-        budget = {MERGEAR_TRAINER: GENERATOR_BUDGET, RECOVERY_TRAINER: RECOVERY_BUDGET}.get(recipe.trainer, TOKENIZER_BUDGET)
+        budget = recipe.budget or {MERGEAR_TRAINER: GENERATOR_BUDGET, RECOVERY_TRAINER: RECOVERY_BUDGET}.get(recipe.trainer, TOKENIZER_BUDGET)
     defining = (a.replace("{seed}", str(seed)).replace("{seed_suffix}", seed_suffix) for a in recipe.arguments)
     arguments = ["--output_dir", output_dir, *defining, *budget, "--seed", str(seed), "--use_cpu", "--disable_tqdm", "true"]
     if resume:

@@ -205,6 +205,11 @@ def test_every_recipe_parses_with_its_trainer_and_builds_a_valid_config(repo_roo
             assert model_args.config_overrides is None, name
             assert model_args.init_from.removeprefix("outputs/ablation/").rsplit("-steps", 1)[0] in train.RECIPES, name
             continue
+        if job.trainer == "mergevq_hf.training.train_tokenizer" and model_args.init_from:
+            # a decoder fine-tune starts from a recovery recipe's output, which must exist as a recipe
+            assert training_args.decode_source_map == "predicted" and model_args.teacher == "none", name
+            assert model_args.init_from.removeprefix("outputs/reproduction/") in train.RECIPES, name
+            continue
         overrides = json.loads(model_args.config_overrides or "{}")
         if name.startswith("tokenizer-"):  # the bundled tokenizer's recipe, one alignment recipe or the other
             assert not overrides and training_args.alignment == name.removeprefix("tokenizer-"), name
@@ -217,12 +222,13 @@ def test_every_recipe_parses_with_its_trainer_and_builds_a_valid_config(repo_roo
 
 
 def test_generators_and_recoveries_never_train_on_the_heldout_rows():
-    """Settings are chosen on FASHION_MNIST_HELDOUT_ROWS: every generator and recovery recipe must train on rows before them."""
+    """Settings are chosen on FASHION_MNIST_HELDOUT_ROWS: every generator, recovery and random-order decoder recipe
+    must train on rows before them."""
     assert FASHION_MNIST_HELDOUT_ROWS.stop <= len(load_fashion_mnist("train"))
     trained = 0
     for name in train.RECIPES:
         job = train.training_job(name)
-        if job.trainer not in (train.MERGEAR_TRAINER, train.RECOVERY_TRAINER):
+        if job.trainer not in (train.MERGEAR_TRAINER, train.RECOVERY_TRAINER) and not name.startswith("decoder-"):
             continue
         data_args = importlib.import_module(job.trainer).parse_args(job.arguments)[1]
         assert (data_args.dataset, data_args.split) == ("fashion_mnist", "train"), name

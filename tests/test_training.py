@@ -179,6 +179,26 @@ def test_gan_steps_update_only_their_own_network(tmp_path):
     assert _changed(disc, d2) and all(p.grad is None for p in disc.parameters())
 
 
+def test_decoding_through_predicted_maps_trains_only_the_decoder(tmp_path):
+    trainer, batch = _tiny_trainer(tmp_path, decode_source_map="predicted")
+    model = trainer.model
+    model.train()
+    before = _snapshot(model)
+    trainer.training_step(model, batch)
+    trainer.optimizer.step()
+    changed = _changed(model, before)
+    assert changed and all(name.startswith("decoder.") for name in changed)
+    assert len(changed) == len(list(model.decoder.parameters()))
+
+    with pytest.raises(ValueError, match="decode_source_map must be 'true' or 'predicted'"):
+        MergeVQTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", decode_source_map="soft")
+    args = MergeVQTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", perceptual_loss="none",
+                                    decode_source_map="predicted")
+    without_recovery = MergeVQModel(MergeVQConfig.from_preset("tiny", alignment_head="none", use_source_recovery=False))
+    with pytest.raises(ValueError, match="start from a tokenizer with a trained source recovery"):
+        MergeVQTrainer(model=without_recovery, args=args, train_dataset=procedural_images(2, size=32))
+
+
 def test_num_tokens_sampling_is_reproducible_and_follows_the_distribution(tmp_path):
     trainer, _ = _tiny_trainer(tmp_path, num_tokens_candidates=[9, 16, 36], num_tokens_probs=[0.2, 0.5, 0.3])
     draws = []

@@ -552,6 +552,9 @@ class MergeVQPreTrainedModel(ClearCheckpointErrorsMixin, PreTrainedModel):
             init.normal_(module.position_embeddings, std=self.config.initializer_range)
         elif isinstance(module, SourceRecovery):
             init.normal_(module.position_queries, std=self.config.initializer_range)
+            if module.logit_bias is not None:  # zero: the offset tables start neutral
+                init.zeros_(module.cross_attention_bias)
+                init.zeros_(module.logit_bias)
 
 
 class MergeVQModel(MergeVQPreTrainedModel):
@@ -580,7 +583,7 @@ class MergeVQModel(MergeVQPreTrainedModel):
                 config.codebook_bits, config.num_patches, config.source_recovery_hidden_size,
                 config.source_recovery_num_layers, config.source_recovery_num_heads,
                 config.source_recovery_intermediate_size, config.source_recovery_with_positions,
-                config.source_recovery_num_token_layers,
+                config.source_recovery_num_token_layers, config.source_recovery_relative_bias,
             )
             if config.use_source_recovery
             else None
@@ -816,6 +819,7 @@ class MergeVQModel(MergeVQPreTrainedModel):
         alignment_pixel_values: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
+        decode_source_map: str = "true",
     ) -> MergeVQOutput | tuple:
         """
         Encode to `num_tokens`, decode through the true source map, and compute the losses.
@@ -826,14 +830,29 @@ class MergeVQModel(MergeVQPreTrainedModel):
             The second pass merges as many tokens as the first (L' - (L - K), at least 1 kept).
         output_hidden_states / output_attentions: the encoder ViT's states / weights of this pass (see
             `MergeVQEncoder.forward`; weights need eager attention).
+        decode_source_map: `"true"`, or `"predicted"` to decode through the source recovery's most likely map instead
+            (what random-order generation decodes through; its reconstruction loss then teaches the decoder the
+            recovery's errors). `source_map` in the output stays the true map.
         return_dict: `False` returns a tuple.
         """
         config = self.config
+        if decode_source_map not in ("true", "predicted"):
+            raise ValueError(f"decode_source_map must be 'true' or 'predicted', got {decode_source_map!r}")
         recording = self._recording(output_hidden_states, output_attentions)
         latents, cls, source_map, _, hidden_states, attentions = self._encode(pixel_values, num_tokens, *recording)
         grid_h, grid_w = (side // config.stem_stride for side in pixel_values.shape[-2:])
         quantized = self.quantize(latents)
-        reconstruction = self.decode_codes(quantized.codes, source_map, (grid_h, grid_w))
+
+        source_recovery_loss = source_logits = None
+        if self.source_recovery is not None and (grid_h, grid_w) == (config.grid_size, config.grid_size):
+            positions = SourceRecovery.token_positions(source_map, quantized.codes.shape[1]) if config.source_recovery_with_positions else None
+            source_logits = self.source_recovery(quantized.codes, positions)
+            source_recovery_loss = SourceRecovery.loss(source_logits, source_map)
+        if decode_source_map == "predicted" and source_logits is None:
+            raise ValueError(f"decode_source_map='predicted' needs a source recovery (use_source_recovery) and images of "
+                             f"{config.image_size} x {config.image_size} pixels (its grid)")
+        decoded_map = source_map if decode_source_map == "true" else source_logits.detach().argmax(-1)
+        reconstruction = self.decode_codes(quantized.codes, decoded_map, (grid_h, grid_w))
         reconstruction_loss = F.l1_loss(reconstruction.float(), pixel_values.float())
         loss = (
             config.reconstruction_loss_weight * reconstruction_loss
@@ -848,11 +867,7 @@ class MergeVQModel(MergeVQPreTrainedModel):
             alignment_loss = self._alignment_loss(alignment_logits, teacher_features)
             loss = loss + config.alignment_loss_weight * alignment_loss
 
-        source_recovery_loss = source_logits = None
-        if self.source_recovery is not None and (grid_h, grid_w) == (config.grid_size, config.grid_size):
-            positions = SourceRecovery.token_positions(source_map, quantized.codes.shape[1]) if config.source_recovery_with_positions else None
-            source_logits = self.source_recovery(quantized.codes, positions)
-            source_recovery_loss = SourceRecovery.loss(source_logits, source_map)
+        if source_recovery_loss is not None:
             loss = loss + config.source_recovery_loss_weight * source_recovery_loss
 
         output = MergeVQOutput(

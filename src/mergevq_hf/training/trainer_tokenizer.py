@@ -115,7 +115,18 @@ class MergeVQTrainingArguments(TrainingArguments):
         },
     )
 
+    decode_source_map: str = field(
+        default="true",
+        metadata={
+            "help": "'true', or 'predicted' to fine-tune only the decoder of a trained tokenizer (--init_from) on its "
+            "source recovery's predicted maps: the decoder random-order generation decodes through (docs/design.md §1.5).",
+            "choices": ("true", "predicted"),
+        },
+    )
+
     def __post_init__(self):
+        if self.decode_source_map not in ("true", "predicted"):
+            raise ValueError(f"decode_source_map must be 'true' or 'predicted', got {self.decode_source_map!r}")
         if self.alignment not in ALIGNMENT_RECIPES:
             raise ValueError(f"alignment must be one of {', '.join(map(repr, ALIGNMENT_RECIPES))}, got {self.alignment!r}")
         super().__post_init__()
@@ -207,6 +218,12 @@ class MergeVQTrainer(ShardedTrainingMixin, AtomicCheckpointMixin, Trainer):
             raise ValueError(f"MergeVQTrainer needs MergeVQTrainingArguments, got {type(args).__name__}")
         _check_teacher(args.alignment, teacher, model.config)
         kwargs.setdefault("data_collator", collate_images)
+        if args.decode_source_map == "predicted":
+            if model.source_recovery is None:
+                raise ValueError("decode_source_map='predicted' fine-tunes the decoder on the source recovery's maps: "
+                                 "start from a tokenizer with a trained source recovery (use_source_recovery)")
+            model.requires_grad_(False)  # encoder, quantiser and recovery stay as trained: only the decoder learns
+            model.decoder.requires_grad_(True)
         super().__init__(model=model, args=args, **kwargs)
         config = model.config
         self.num_tokens_candidates, self.num_tokens_probs = _check_distribution(
@@ -280,10 +297,12 @@ class MergeVQTrainer(ShardedTrainingMixin, AtomicCheckpointMixin, Trainer):
         args = self.args
         pixel_values = inputs["pixel_values"]
         if args.alignment == "paper":
-            alignment_inputs = self._paper_alignment_inputs(inputs)
+            model_inputs = self._paper_alignment_inputs(inputs)
         else:
-            alignment_inputs = {"teacher_features": inputs.get("teacher_features")}
-        outputs = model(pixel_values=pixel_values, num_tokens=inputs.get("num_tokens"), **alignment_inputs)
+            model_inputs = {"teacher_features": inputs.get("teacher_features")}
+        if args.decode_source_map != "true":  # only then: other tokenizers this trainer trains (grid_vq) lack the argument
+            model_inputs["decode_source_map"] = args.decode_source_map
+        outputs = model(pixel_values=pixel_values, num_tokens=inputs.get("num_tokens"), **model_inputs)
         reconstruction = outputs.reconstruction
         loss = outputs.loss
         terms = {
