@@ -84,14 +84,14 @@ def _ablation(summary: str, mode: str = "raster", **fields) -> Recipe:
 
 
 def _recovery(summary: str, steps: int, size: tuple[int, int, int] | None = None, fine_tune_of: str | None = None,
-              learning_rate: float = 1e-3, token_layers: int = 0, relative_bias: bool = False) -> Recipe:
+              learning_rate: float = 1e-3, token_layers: int = 0) -> Recipe:
     """A new module of ``size`` (width, blocks, heads) and ``token_layers`` on the bundled tokenizer, or, with
     ``fine_tune_of``, that recovery recipe's output of the same seed, its module fine-tuned."""
     tokenizer = BUNDLED_TOKENIZER if fine_tune_of is None else f"outputs/reproduction/{fine_tune_of}{{seed_suffix}}"
     arguments = ("--tokenizer", tokenizer, "--with_positions", "true", "--max_steps", str(steps), "--learning_rate", str(learning_rate))
     if size is not None:
         arguments += ("--hidden_size", str(size[0]), "--num_layers", str(size[1]), "--num_heads", str(size[2]),
-                      "--num_token_layers", str(token_layers), "--relative_bias", str(relative_bias).lower())
+                      "--num_token_layers", str(token_layers))
     return Recipe(f"source recovery with positions, {summary}", RECOVERY_TRAINER, arguments)
 
 
@@ -146,11 +146,6 @@ RECIPES: dict[str, Recipe] = {
     "recovery-h96-l2-enc2": _recovery("recovery-h96-l2 with 2 self-attention blocks over the tokens first (0.55M)", 900, (96, 2, 4), token_layers=2),
     "recovery-h192-l3": _recovery("width 192, 3 blocks (1.9M: the paper's 7M scaled by L = 64 / 256), 2,400 steps", 2400, (192, 3, 6)),
     "recovery-h192-l3-enc2": _recovery("recovery-h192-l3 with 2 self-attention blocks over the tokens first (2.8M)", 2400, (192, 3, 6), token_layers=2),
-    # A learned bias per 2-D grid offset between a position and a token's position (docs/design.md §1.5).
-    "recovery-h96-l2-enc2-rel": _recovery("recovery-h96-l2-enc2 with grid-offset biases", 900, (96, 2, 4), token_layers=2,
-                                          relative_bias=True),
-    "recovery-h192-l3-enc2-rel": _recovery("recovery-h192-l3-enc2 with grid-offset biases", 2400, (192, 3, 6), token_layers=2,
-                                           relative_bias=True),
     # The paper's optional fine-tune, continued: needs the recovery of the same seed trained first.
     "recovery-h192-l3-ft": _recovery("recovery-h192-l3 fine-tuned 1,200 more steps at lr 5e-4", 1200,
                                      fine_tune_of="recovery-h192-l3", learning_rate=5e-4),

@@ -178,44 +178,6 @@ def test_token_layers_are_part_of_the_config_and_checkpoint(tmp_path):
         MergeVQConfig.from_preset("tiny", source_recovery_num_token_layers=1.5)
 
 
-def test_relative_bias_starts_neutral_and_adds_one_value_per_grid_offset():
-    torch.manual_seed(0)
-    plain = SourceRecovery(10, 64, 32, 2, 4, 64, with_positions=True, num_token_layers=1)
-    biased = SourceRecovery(10, 64, 32, 2, 4, 64, with_positions=True, num_token_layers=1, relative_bias=True)
-    missing, unexpected = biased.load_state_dict(plain.state_dict(), strict=False)
-    assert sorted(missing) == ["cross_attention_bias", "logit_bias"] and not unexpected
-    codes, positions = torch.randn(2, 3, 10).sign(), torch.tensor([[0, 9, 27], [0, 5, 6]])
-    torch.testing.assert_close(biased(codes, positions), plain(codes, positions))  # zero tables: the same module
-
-    # The final table adds its entry for offset (dy, dx) = (1, 1) exactly where position l lies one row and one column
-    # after token k's position (on the 8 x 8 grid: l = p + 9 away from the right edge), and nowhere else.
-    with torch.no_grad():
-        biased.logit_bias[(1 + 7) * 15 + (1 + 7)] = 5.0
-    shift = biased(codes, positions) - plain(codes, positions)
-    expected = torch.zeros_like(shift)
-    for row, token_positions in enumerate(positions.tolist()):
-        for k, p in enumerate(token_positions):
-            expected[row, p + 9, k] = 5.0
-    finite = torch.isfinite(shift)
-    torch.testing.assert_close(shift[finite], expected[finite])
-    assert finite[0, 18, 1] and finite[1, 14, 1] and finite[1, 15, 2]  # pairs the position facts leave open
-
-
-def test_relative_bias_is_part_of_the_config_and_checkpoint(tmp_path):
-    with pytest.raises(ValueError, match="source_recovery_relative_bias needs source_recovery_with_positions"):
-        MergeVQConfig.from_preset("tiny", source_recovery_relative_bias=True)
-    with pytest.raises(TypeError, match="source_recovery_relative_bias"):
-        MergeVQConfig.from_preset("tiny", source_recovery_with_positions=True, source_recovery_relative_bias=1)
-    config = MergeVQConfig.from_preset("tiny", source_recovery_with_positions=True, source_recovery_relative_bias=True)
-    model = MergeVQModel(config).eval()
-    assert not model.source_recovery.logit_bias.any()  # post_init leaves the tables neutral
-    with torch.no_grad():
-        model.source_recovery.cross_attention_bias.normal_()
-    model.save_pretrained(tmp_path)
-    reloaded = MergeVQModel.from_pretrained(tmp_path)
-    torch.testing.assert_close(reloaded.source_recovery.cross_attention_bias, model.source_recovery.cross_attention_bias)
-
-
 def test_forward_can_decode_through_the_predicted_map(vq_model):
     images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():

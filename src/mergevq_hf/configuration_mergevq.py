@@ -86,8 +86,6 @@ class MergeVQConfig(PretrainedConfig):
         use_source_recovery: build the learned source-map predictor (needed for random-order generation).
         source_recovery_with_positions: the predictor also reads each token's grid position (known in random order).
         source_recovery_num_token_layers: self-attention blocks over the K tokens before the predictor's decoder blocks.
-        source_recovery_relative_bias: the predictor learns a bias per 2-D offset between a position and a token's
-            position (needs source_recovery_with_positions).
     """
 
     model_type = "mergevq"
@@ -135,7 +133,6 @@ class MergeVQConfig(PretrainedConfig):
     source_recovery_loss_weight: float = 0.5
     source_recovery_with_positions: bool = False
     source_recovery_num_token_layers: int = 0
-    source_recovery_relative_bias: bool = False
     initializer_range: float = 0.02
 
     # Validated like MergeARConfig: the transformers hook `validate_architecture` (ValueError) plus `check_field_types`
@@ -236,9 +233,6 @@ class MergeVQConfig(PretrainedConfig):
                     f"MergeVQConfig.norm_num_groups ({self.norm_num_groups}) must divide every stem/decoder width "
                     f"and hidden_size; {channels} is not divisible"
                 )
-        if self.source_recovery_relative_bias and not self.source_recovery_with_positions:
-            raise ValueError("MergeVQConfig.source_recovery_relative_bias needs source_recovery_with_positions=True "
-                             "(the bias is indexed by each token's grid position)")
         if not 1 <= self.num_tokens <= self.num_patches:
             raise ValueError(
                 f"MergeVQConfig.num_tokens must be in [1, {self.num_patches}] (the token count before merging), "

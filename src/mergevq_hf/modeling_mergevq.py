@@ -552,9 +552,6 @@ class MergeVQPreTrainedModel(ClearCheckpointErrorsMixin, PreTrainedModel):
             init.normal_(module.position_embeddings, std=self.config.initializer_range)
         elif isinstance(module, SourceRecovery):
             init.normal_(module.position_queries, std=self.config.initializer_range)
-            if module.logit_bias is not None:  # zero: the offset tables start neutral
-                init.zeros_(module.cross_attention_bias)
-                init.zeros_(module.logit_bias)
 
 
 class MergeVQModel(MergeVQPreTrainedModel):
@@ -583,7 +580,7 @@ class MergeVQModel(MergeVQPreTrainedModel):
                 config.codebook_bits, config.num_patches, config.source_recovery_hidden_size,
                 config.source_recovery_num_layers, config.source_recovery_num_heads,
                 config.source_recovery_intermediate_size, config.source_recovery_with_positions,
-                config.source_recovery_num_token_layers, config.source_recovery_relative_bias,
+                config.source_recovery_num_token_layers,
             )
             if config.use_source_recovery
             else None

@@ -11,9 +11,6 @@ Token positions, when known, are free information (docs/design.md §1.5): a merg
 grid position (canonical order), which random-order generation chooses explicitly. Given them, position ``positions[k]``
 belongs to token ``k`` for certain and no position before ``positions[k]`` can belong to ``k``; both facts are applied
 as hard masks, and a module built with ``with_positions`` also adds a learned embedding of each token's position.
-``relative_bias`` (needs positions) adds a learned bias for the 2-D grid offset between a position and a token's
-position to every cross-attention score and to the final logits: merged groups are spatially compact, and a table of
-offsets states that directly instead of leaving it to dot products of two unrelated embeddings.
 """
 
 import torch
@@ -31,17 +28,13 @@ class Attention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, query: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``context_mask`` [B, K] marks the context entries that may be attended to (padding excluded); ``bias``
-        [B, heads, length, K] is added to the attention scores."""
+    def forward(self, query: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``context_mask`` [B, K] marks the context entries that may be attended to (padding excluded)."""
         batch, length, dim = query.shape
         heads = self.num_heads
         q = self.q(query).view(batch, length, heads, -1).transpose(1, 2)
         k, v = self.kv(context).view(batch, context.shape[1], 2, heads, -1).permute(2, 0, 3, 1, 4)
         mask = None if context_mask is None else context_mask[:, None, None, :]
-        if bias is not None:
-            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
 
@@ -60,11 +53,10 @@ class SourceRecoveryBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.mlp = feed_forward(dim, intermediate_size)
 
-    def forward(self, queries: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor | None = None,
-                cross_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, queries: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.norm1(queries)
         queries = queries + self.self_attn(h, h)
-        queries = queries + self.cross_attn(self.norm2(queries), tokens, token_mask, cross_bias)
+        queries = queries + self.cross_attn(self.norm2(queries), tokens, token_mask)
         return queries + self.mlp(self.norm3(queries))
 
 
@@ -88,14 +80,9 @@ class SourceRecovery(nn.Module):
     """Maps K codes [B, K, bits] to source-map logits [B, L, K]."""
 
     def __init__(self, codebook_bits: int, num_positions: int, hidden_size: int, num_layers: int, num_heads: int,
-                 intermediate_size: int, with_positions: bool = False, num_token_layers: int = 0,
-                 relative_bias: bool = False):
+                 intermediate_size: int, with_positions: bool = False, num_token_layers: int = 0):
         super().__init__()
-        side = round(num_positions**0.5)
-        if relative_bias and (not with_positions or side * side != num_positions):
-            raise ValueError("a source recovery with relative_bias needs with_positions and a square grid of positions, "
-                             f"got with_positions={with_positions}, num_positions={num_positions}")
-        self.num_positions, self.grid_size = num_positions, side
+        self.num_positions = num_positions
         self.code_embed = nn.Linear(codebook_bits, hidden_size)
         self.token_position_embed = nn.Embedding(num_positions, hidden_size) if with_positions else None
         self.token_blocks = nn.ModuleList(
@@ -109,10 +96,6 @@ class SourceRecovery(nn.Module):
         self.norm_out = nn.LayerNorm(hidden_size)
         self.query_head = nn.Linear(hidden_size, hidden_size)
         self.key_head = nn.Linear(hidden_size, hidden_size)
-        # Zero-initialised: the module starts as the one without it. Rows of the tables index offsets (dy, dx).
-        num_offsets = (2 * side - 1) ** 2
-        self.cross_attention_bias = nn.Parameter(torch.zeros(num_layers, num_heads, num_offsets)) if relative_bias else None
-        self.logit_bias = nn.Parameter(torch.zeros(num_offsets)) if relative_bias else None
 
     def forward(self, codes: torch.Tensor, positions: torch.Tensor | None = None,
                 token_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -129,27 +112,15 @@ class SourceRecovery(nn.Module):
         for block in self.token_blocks:
             tokens = block(tokens, token_mask)
         tokens = self.norm_in(tokens)
-        offsets = None if self.logit_bias is None else self.grid_offsets(positions)
         queries = self.position_queries.expand(codes.shape[0], -1, -1)
-        for index, block in enumerate(self.blocks):
-            cross_bias = None if offsets is None else self.cross_attention_bias[index][:, offsets].transpose(0, 1)
-            queries = block(queries, tokens, token_mask, cross_bias)
+        for block in self.blocks:
+            queries = block(queries, tokens, token_mask)
         queries = self.query_head(self.norm_out(queries))
         keys = self.key_head(tokens)
         logits = queries @ keys.transpose(1, 2) / keys.shape[-1] ** 0.5
-        if offsets is not None:
-            logits = logits + self.logit_bias[offsets]
         if positions is not None:
             logits = self.apply_position_constraints(logits, positions)
         return logits if token_mask is None else logits.masked_fill(~token_mask[:, None, :], float("-inf"))
-
-    def grid_offsets(self, positions: torch.Tensor) -> torch.Tensor:
-        """Index [B, L, K] of the offset (dy, dx) from token k's grid position to position l in the bias tables."""
-        side = self.grid_size
-        grid = torch.arange(self.num_positions, device=positions.device)
-        dy = grid[None, :, None] // side - positions[:, None, :] // side + side - 1
-        dx = grid[None, :, None] % side - positions[:, None, :] % side + side - 1
-        return dy * (2 * side - 1) + dx
 
     @staticmethod
     def apply_position_constraints(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

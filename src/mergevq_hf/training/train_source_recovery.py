@@ -50,7 +50,6 @@ class RecoveryArguments:
     intermediate_size: int | None = field(default=None, metadata={"help": "MLP width of the new module (default: 4 x hidden_size)."})
     with_positions: bool = field(default=False, metadata={"help": "Also read each token's grid position (known in random-order generation)."})
     num_token_layers: int | None = field(default=None, metadata={"help": "Self-attention blocks over the K tokens before the decoder blocks (default: the tokenizer's)."})
-    relative_bias: bool | None = field(default=None, metadata={"help": "Learn a bias per 2-D offset between a position and a token's position (needs --with_positions; default: the tokenizer's)."})
 
 
 @dataclass
@@ -132,7 +131,6 @@ def build_recovery(tokenizer: MergeVQModel, args: RecoveryArguments) -> SourceRe
         "source_recovery_num_heads": args.num_heads,
         "source_recovery_intermediate_size": args.intermediate_size or (4 * args.hidden_size if args.hidden_size else None),
         "source_recovery_num_token_layers": args.num_token_layers,
-        "source_recovery_relative_bias": args.relative_bias,
     }
     new_size = {name: value for name, value in new_size.items() if value is not None}
     rebuild = bool(new_size) or args.with_positions != config.source_recovery_with_positions or tokenizer.source_recovery is None
@@ -145,7 +143,7 @@ def build_recovery(tokenizer: MergeVQModel, args: RecoveryArguments) -> SourceRe
     recovery = SourceRecovery(
         config.codebook_bits, config.num_patches, config.source_recovery_hidden_size, config.source_recovery_num_layers,
         config.source_recovery_num_heads, config.source_recovery_intermediate_size, config.source_recovery_with_positions,
-        config.source_recovery_num_token_layers, config.source_recovery_relative_bias,
+        config.source_recovery_num_token_layers,
     )
     if not new_size and tokenizer.source_recovery is not None:  # same size, positions added: start from the trained one
         recovery.load_state_dict(tokenizer.source_recovery.state_dict(), strict=False)
