@@ -95,12 +95,15 @@ def _recovery(summary: str, steps: int, size: tuple[int, int, int] | None = None
     return Recipe(f"source recovery with positions, {summary}", RECOVERY_TRAINER, arguments)
 
 
-def _decoder_on(recovery: str) -> Recipe:
+def _decoder_on(recovery: str, source_map: str = "predicted") -> Recipe:
     """The tokenizer of ``recovery`` (same seed, trained first) with its decoder fine-tuned on that recovery's
-    predicted maps, everything else frozen: the decoder random-order generation decodes through."""
-    arguments = ("--init_from", f"outputs/reproduction/{recovery}{{seed_suffix}}", "--teacher", "none", "--decode_source_map", "predicted")
-    return Recipe(f"{recovery}'s tokenizer, its decoder fine-tuned 1,200 steps on the recovery's predicted maps",
-                  TOKENIZER_TRAINER, arguments, budget=DECODER_BUDGET)
+    predicted maps (the decoder random-order generation decodes through) or, as the control, on the true maps;
+    everything else frozen."""
+    arguments = ("--init_from", f"outputs/reproduction/{recovery}{{seed_suffix}}", "--teacher", "none",
+                 "--trainable", "decoder", "--decode_source_map", source_map)
+    maps = "the recovery's predicted maps" if source_map == "predicted" else "the true maps (the control)"
+    return Recipe(f"{recovery}'s tokenizer, its decoder fine-tuned 1,200 steps on {maps}", TOKENIZER_TRAINER, arguments,
+                  budget=DECODER_BUDGET)
 
 
 def _continued(base: str, what: str, mode: str = "raster") -> Recipe:
@@ -153,7 +156,9 @@ RECIPES: dict[str, Recipe] = {
                                           "1,200 more steps at lr 5e-4", 1200, fine_tune_of="recovery-h192-l3-enc2", learning_rate=5e-4),
     # The decoder random order decodes through, taught the recovery's errors (docs/design.md §1.5).
     "decoder-h96-l2-enc2": _decoder_on("recovery-h96-l2-enc2"),
+    "decoder-h96-l2-enc2-true-maps": _decoder_on("recovery-h96-l2-enc2", "true"),
     "decoder-h192-l3-enc2": _decoder_on("recovery-h192-l3-enc2"),
+    "decoder-h192-l3-enc2-true-maps": _decoder_on("recovery-h192-l3-enc2", "true"),
     # Are the bundled MergeAR and the gate only short of steps? Their 3,600-step runs trained further.
     "mergear-w8-continued": _continued("mergear-w8", "the bundled MergeAR's run; seed 0 is the bundled MergeAR"),
     "mergear-gate-left-w8-continued": _continued("mergear-gate-left-w8", "the gate with one grid row"),

@@ -207,7 +207,8 @@ def test_every_recipe_parses_with_its_trainer_and_builds_a_valid_config(repo_roo
             continue
         if job.trainer == "mergevq_hf.training.train_tokenizer" and model_args.init_from:
             # a decoder fine-tune starts from a recovery recipe's output, which must exist as a recipe
-            assert training_args.decode_source_map == "predicted" and model_args.teacher == "none", name
+            assert training_args.trainable == "decoder" and model_args.teacher == "none", name
+            assert training_args.decode_source_map == ("true" if name.endswith("-true-maps") else "predicted"), name
             assert model_args.init_from.removeprefix("outputs/reproduction/") in train.RECIPES, name
             continue
         overrides = json.loads(model_args.config_overrides or "{}")

@@ -180,7 +180,7 @@ def test_gan_steps_update_only_their_own_network(tmp_path):
 
 
 def test_decoding_through_predicted_maps_trains_only_the_decoder(tmp_path):
-    trainer, batch = _tiny_trainer(tmp_path, decode_source_map="predicted")
+    trainer, batch = _tiny_trainer(tmp_path, trainable="decoder", decode_source_map="predicted")
     model = trainer.model
     model.train()
     before = _snapshot(model)
@@ -192,8 +192,12 @@ def test_decoding_through_predicted_maps_trains_only_the_decoder(tmp_path):
 
     with pytest.raises(ValueError, match="decode_source_map must be 'true' or 'predicted'"):
         MergeVQTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", decode_source_map="soft")
+    with pytest.raises(ValueError, match="trainable must be 'all' or 'decoder'"):
+        MergeVQTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", trainable="encoder")
+    with pytest.raises(ValueError, match="decode_source_map='predicted' needs trainable='decoder'"):
+        MergeVQTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", decode_source_map="predicted")
     args = MergeVQTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", perceptual_loss="none",
-                                    decode_source_map="predicted")
+                                    trainable="decoder", decode_source_map="predicted")
     without_recovery = MergeVQModel(MergeVQConfig.from_preset("tiny", alignment_head="none", use_source_recovery=False))
     with pytest.raises(ValueError, match="start from a tokenizer with a trained source recovery"):
         MergeVQTrainer(model=without_recovery, args=args, train_dataset=procedural_images(2, size=32))

@@ -115,18 +115,27 @@ class MergeVQTrainingArguments(TrainingArguments):
         },
     )
 
+    trainable: str = field(
+        default="all",
+        metadata={"help": "'all', or 'decoder' to fine-tune only the decoder of a trained tokenizer (--init_from).", "choices": ("all", "decoder")},
+    )
     decode_source_map: str = field(
         default="true",
         metadata={
-            "help": "'true', or 'predicted' to fine-tune only the decoder of a trained tokenizer (--init_from) on its "
-            "source recovery's predicted maps: the decoder random-order generation decodes through (docs/design.md §1.5).",
+            "help": "'true', or 'predicted' (with --trainable decoder) to decode through the source recovery's predicted "
+            "maps: the decoder random-order generation decodes through (docs/design.md §1.5).",
             "choices": ("true", "predicted"),
         },
     )
 
     def __post_init__(self):
+        if self.trainable not in ("all", "decoder"):
+            raise ValueError(f"trainable must be 'all' or 'decoder', got {self.trainable!r}")
         if self.decode_source_map not in ("true", "predicted"):
             raise ValueError(f"decode_source_map must be 'true' or 'predicted', got {self.decode_source_map!r}")
+        if self.decode_source_map == "predicted" and self.trainable != "decoder":
+            raise ValueError("decode_source_map='predicted' needs trainable='decoder': the predicted map is not "
+                             "differentiable, so the encoder would learn to reconstruct through a map it cannot change")
         if self.alignment not in ALIGNMENT_RECIPES:
             raise ValueError(f"alignment must be one of {', '.join(map(repr, ALIGNMENT_RECIPES))}, got {self.alignment!r}")
         super().__post_init__()
@@ -218,11 +227,11 @@ class MergeVQTrainer(ShardedTrainingMixin, AtomicCheckpointMixin, Trainer):
             raise ValueError(f"MergeVQTrainer needs MergeVQTrainingArguments, got {type(args).__name__}")
         _check_teacher(args.alignment, teacher, model.config)
         kwargs.setdefault("data_collator", collate_images)
-        if args.decode_source_map == "predicted":
-            if model.source_recovery is None:
-                raise ValueError("decode_source_map='predicted' fine-tunes the decoder on the source recovery's maps: "
-                                 "start from a tokenizer with a trained source recovery (use_source_recovery)")
-            model.requires_grad_(False)  # encoder, quantiser and recovery stay as trained: only the decoder learns
+        if args.decode_source_map == "predicted" and model.source_recovery is None:
+            raise ValueError("decode_source_map='predicted' fine-tunes the decoder on the source recovery's maps: "
+                             "start from a tokenizer with a trained source recovery (use_source_recovery)")
+        if args.trainable == "decoder":  # encoder, quantiser and recovery stay as trained
+            model.requires_grad_(False)
             model.decoder.requires_grad_(True)
         super().__init__(model=model, args=args, **kwargs)
         config = model.config
