@@ -819,7 +819,7 @@ class MergeVQModel(MergeVQPreTrainedModel):
         decode_source_map: str = "true",
     ) -> MergeVQOutput | tuple:
         """
-        Encode to `num_tokens`, decode through the true source map, and compute the losses.
+        Encode to `num_tokens`, decode through the true source map (or the predicted one), and compute the losses.
 
         pixel_values: [B, C, H, W] scaled to [-1, 1]; any floating dtype is cast to the model's dtype.
         teacher_features: [B, alignment_dim] frozen-teacher targets; when given, the CLS of a second encoder pass on
