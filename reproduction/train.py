@@ -6,7 +6,9 @@ lr 4e-4, GAN from step 400; the raster AR 1,200 steps x 64 images, lr 1e-3, on t
 ``outputs/reproduction/NAME``, or ``NAME-seedN`` for a seed other than 0.
 
 Source recoveries (``recovery-*``) are rebuilt with token positions on the bundled tokenizer's frozen codes of the
-generators' 30,000 images; ``benchmarks/bench_randar.py recon`` and ``generation`` score them.
+generators' 30,000 images; ``benchmarks/bench_randar.py recon`` and ``generation`` score them. Decoder fine-tunes
+(``decoder-*``) start from the recovery folder of the same seed and train its decoder alone, on the recovery's predicted
+maps or, as the control, on the true maps.
 
 Generator ablations change one thing at a time in the bundled MergeAR's recipe, over ``--steps`` (default 1,200)
 with a checkpoint every quarter; they go to ``outputs/ablation/NAME-stepsS-seedN``.
