@@ -34,9 +34,9 @@ Usage:
 
 import argparse
 import gc
-from collections import defaultdict
 import platform
 import time
+from collections import defaultdict
 
 import torch
 

@@ -182,6 +182,13 @@ def test_gan_steps_update_only_their_own_network(tmp_path):
 def test_decoding_through_predicted_maps_trains_only_the_decoder(tmp_path):
     trainer, batch = _tiny_trainer(tmp_path, trainable="decoder", decode_source_map="predicted")
     model = trainer.model
+    model.eval()  # the trainer's loss decodes through the recovery's map, not the true one
+    with torch.no_grad():
+        _, outputs = trainer.compute_loss(model, {**batch, "num_tokens": 16}, return_outputs=True)
+        through_predicted = model(batch["pixel_values"], num_tokens=16, decode_source_map="predicted").reconstruction
+        through_true = model(batch["pixel_values"], num_tokens=16).reconstruction
+    torch.testing.assert_close(outputs.reconstruction, through_predicted)
+    assert not torch.allclose(outputs.reconstruction, through_true)
     model.train()
     before = _snapshot(model)
     trainer.training_step(model, batch)

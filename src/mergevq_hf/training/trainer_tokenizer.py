@@ -65,6 +65,8 @@ DISCRIMINATOR_OPTIMIZER_NAME = "discriminator_optimizer.pt"
 EMA_NAME = "ema.safetensors"
 RAW_WEIGHTS_SUBFOLDER = "raw"
 ALIGNMENT_RECIPES = ("cached", "paper")
+TRAINABLE_PARTS = ("all", "decoder")
+DECODED_SOURCE_MAPS = ("true", "predicted")
 
 
 @dataclass
@@ -117,21 +119,21 @@ class MergeVQTrainingArguments(TrainingArguments):
 
     trainable: str = field(
         default="all",
-        metadata={"help": "'all', or 'decoder' to fine-tune only the decoder of a trained tokenizer (--init_from).", "choices": ("all", "decoder")},
+        metadata={"help": "'all', or 'decoder' to fine-tune only the decoder of a trained tokenizer (--init_from).", "choices": TRAINABLE_PARTS},
     )
     decode_source_map: str = field(
         default="true",
         metadata={
             "help": "'true', or 'predicted' (with --trainable decoder) to decode through the source recovery's predicted "
             "maps: the decoder random-order generation decodes through (docs/design.md §1.5).",
-            "choices": ("true", "predicted"),
+            "choices": DECODED_SOURCE_MAPS,
         },
     )
 
     def __post_init__(self):
-        if self.trainable not in ("all", "decoder"):
+        if self.trainable not in TRAINABLE_PARTS:
             raise ValueError(f"trainable must be 'all' or 'decoder', got {self.trainable!r}")
-        if self.decode_source_map not in ("true", "predicted"):
+        if self.decode_source_map not in DECODED_SOURCE_MAPS:
             raise ValueError(f"decode_source_map must be 'true' or 'predicted', got {self.decode_source_map!r}")
         if self.decode_source_map == "predicted" and self.trainable != "decoder":
             raise ValueError("decode_source_map='predicted' needs trainable='decoder': the predicted map is not "
