@@ -63,6 +63,12 @@ def test_grid_vq_trains_with_the_mergevq_trainer_and_exports_a_diffusers_folder(
     assert loaded.decode(loaded.encode(images).indices).shape == (2, 3, 32, 32)
 
 
+def test_grid_vq_refuses_a_decoder_only_fine_tune(tmp_path):
+    with pytest.raises(ValueError, match="GridVQTokenizer has no .decoder module"):
+        train_grid_vq(["--output_dir", str(tmp_path / "grid"), "--dataset", "procedural:8", "--max_steps", "1",
+                       "--perceptual_loss", "none", "--use_cpu", "--report_to", "none", "--trainable", "decoder"])
+
+
 def test_merging_lowers_encoder_flops_and_recon_parameters_skip_the_alignment_head():
     torch.manual_seed(0)
     model = MergeVQModel(MergeVQConfig.from_preset("tiny")).eval()

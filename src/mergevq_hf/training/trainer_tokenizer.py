@@ -229,6 +229,10 @@ class MergeVQTrainer(ShardedTrainingMixin, AtomicCheckpointMixin, Trainer):
             raise ValueError(f"MergeVQTrainer needs MergeVQTrainingArguments, got {type(args).__name__}")
         _check_teacher(args.alignment, teacher, model.config)
         kwargs.setdefault("data_collator", collate_images)
+        # getattr: the grid-VQ baseline of reproduction/ has no separate decoder
+        if args.trainable == "decoder" and not isinstance(getattr(model, "decoder", None), nn.Module):
+            raise ValueError(f"trainable='decoder' fine-tunes a MergeVQModel's decoder; {type(model).__name__} has "
+                             "no .decoder module: train it with trainable='all'")
         if args.decode_source_map == "predicted" and model.source_recovery is None:
             raise ValueError("decode_source_map='predicted' fine-tunes the decoder on the source recovery's maps: "
                              "start from a tokenizer with a trained source recovery (use_source_recovery)")
