@@ -197,9 +197,9 @@ def test_decoding_through_predicted_maps_trains_only_the_decoder(tmp_path):
     assert changed and all(name.startswith("decoder.") for name in changed)
     assert len(changed) == len(list(model.decoder.parameters()))
 
-    with pytest.raises(ValueError, match="decode_source_map must be 'true' or 'predicted'"):
+    with pytest.raises(ValueError, match="decode_source_map must be one of 'true', 'predicted', got 'soft'"):
         MergeVQTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", decode_source_map="soft")
-    with pytest.raises(ValueError, match="trainable must be 'all' or 'decoder'"):
+    with pytest.raises(ValueError, match="trainable must be one of 'all', 'decoder', got 'encoder'"):
         MergeVQTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", trainable="encoder")
     with pytest.raises(ValueError, match="decode_source_map='predicted' needs trainable='decoder'"):
         MergeVQTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", decode_source_map="predicted")

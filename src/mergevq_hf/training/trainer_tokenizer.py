@@ -132,9 +132,10 @@ class MergeVQTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         if self.trainable not in TRAINABLE_PARTS:
-            raise ValueError(f"trainable must be 'all' or 'decoder', got {self.trainable!r}")
+            raise ValueError(f"trainable must be one of {', '.join(map(repr, TRAINABLE_PARTS))}, got {self.trainable!r}")
         if self.decode_source_map not in DECODED_SOURCE_MAPS:
-            raise ValueError(f"decode_source_map must be 'true' or 'predicted', got {self.decode_source_map!r}")
+            raise ValueError(f"decode_source_map must be one of {', '.join(map(repr, DECODED_SOURCE_MAPS))}, "
+                             f"got {self.decode_source_map!r}")
         if self.decode_source_map == "predicted" and self.trainable != "decoder":
             raise ValueError("decode_source_map='predicted' needs trainable='decoder': the predicted map is not "
                              "differentiable, so the encoder would learn to reconstruct through a map it cannot change")
